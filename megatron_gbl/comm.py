@@ -1,0 +1,50 @@
+"""Collectives and balance-group layouts. Every collective takes its group as an argument."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+
+def all_reduce_sum(tensor: torch.Tensor, group) -> torch.Tensor:
+    """Sum `tensor` in place over `group`; a no-op without a group or with a group of one."""
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(tensor, group=group)
+    return tensor
+
+
+def sync_block_layout(
+    members: Sequence[tuple[Sequence[int], int]], sync_group_size: int
+) -> list[list[int]]:
+    """Ranks of every balance block, in an order every rank computes identically.
+
+    `members[r] = (tp_dp_cp_ranks, dp_rank)` for global rank r: the ranks of r's TP x DP x CP
+    group (one per pipeline stage) and r's data-parallel index. A block holds the ranks of one
+    TP x DP x CP group whose dp_rank // sync_group_size agree, so TP and CP shards of a
+    sequence always stay together and each block spans `sync_group_size` DP replicas.
+    """
+    blocks: dict[tuple, list[int]] = {}
+    for rank, (group_ranks, dp_rank) in enumerate(members):
+        key = (tuple(sorted(group_ranks)), dp_rank // sync_group_size)
+        blocks.setdefault(key, []).append(rank)
+    return [sorted(ranks) for _, ranks in sorted(blocks.items())]
+
+
+def build_sync_block_group(
+    tp_dp_cp_group, dp_rank: int, sync_group_size: int
+) -> Optional[dist.ProcessGroup]:
+    """This rank's balance-block process group; a collective over the whole world.
+
+    Every rank must call it (torch.distributed.new_group needs all ranks, members or not).
+    """
+    member = (dist.get_process_group_ranks(tp_dp_cp_group), dp_rank)
+    members: list = [None] * dist.get_world_size()
+    dist.all_gather_object(members, member)
+    own = None
+    for ranks in sync_block_layout(members, sync_group_size):
+        group = dist.new_group(ranks)
+        if dist.get_rank() in ranks:
+            own = group
+    return own

@@ -1,0 +1,139 @@
+"""The only module that knows how Megatron-Core versions differ (0.12.x, 0.14.x, 0.16.x).
+
+Everything is decided by feature detection, never by version strings:
+
+| feature                                  | 0.12-0.13                          | 0.14                       | 0.15-0.16                      |
+|------------------------------------------|------------------------------------|----------------------------|--------------------------------|
+| where upstream's LBL is switched off     | `TopKRouter.apply_load_balancing_loss` | `TopKRouter.is_aux_loss_enabled` | same as 0.14           |
+| aux scores                               | `router.compute_routing_scores_for_aux_loss(logits)` | `moe_utils.compute_routing_scores_for_aux_loss(logits, topk, fn, fused)` | same |
+| router process groups                    | `parallel_state`                   | `router.tp_cp_group`       | + `router.tp_dp_cp_group`      |
+| `routing(logits, padding_mask)`          | no mask                            | no mask                    | mask from 0.16 (True = padding)|
+
+0.17-0.19 (Python >= 3.12, not installable here) keep these entry points; the differences that
+matter to this module are written down in README.md ("Megatron-Core versions").
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.transformer.moe import moe_utils
+from megatron.core.transformer.moe.router import TopKRouter
+
+LBL_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss")
+# The aux-loss-tracker name Megatron-LM's training_log already reduces and reports per type.
+TRACKER_NAMES = {
+    "aux_loss": "load_balancing_loss",
+    "seq_aux_loss": "seq_load_balancing_loss",
+    "global_aux_loss": "global_load_balancing_loss",
+}
+
+SCHEDULE_FUNCTIONS = (
+    "forward_backward_no_pipelining",
+    "forward_backward_pipelining_without_interleaving",
+    "forward_backward_pipelining_with_interleaving",
+)
+
+
+def upstream_lbl_switch() -> tuple[str, object]:
+    """(TopKRouter attribute, replacement) that turns upstream's own LBL computation off."""
+    if hasattr(TopKRouter, "is_aux_loss_enabled"):  # 0.14+
+        return "is_aux_loss_enabled", lambda self: False
+    if hasattr(TopKRouter, "apply_load_balancing_loss"):  # 0.12-0.13
+        return "apply_load_balancing_loss", lambda self, activation, *a, **k: activation
+    raise ImportError(
+        "megatron_gbl: megatron.core.transformer.moe.router.TopKRouter has neither "
+        "is_aux_loss_enabled (0.14+) nor apply_load_balancing_loss (0.12-0.13); "
+        "this Megatron-Core version is not supported"
+    )
+
+
+def lbl_types_and_coeffs(config) -> list[tuple[str, float]]:
+    """moe_router_load_balancing_type / moe_aux_loss_coeff as a list of (type, coeff) pairs.
+
+    Megatron accepts a str and a float (all versions) or equal-length lists (0.14+).
+    """
+    types = config.moe_router_load_balancing_type
+    coeffs = config.moe_aux_loss_coeff
+    types = [types] if isinstance(types, str) else list(types)
+    coeffs = [coeffs] * len(types) if isinstance(coeffs, (int, float)) else list(coeffs)
+    return list(zip(types, (float(c) for c in coeffs)))
+
+
+def padding_mask_from_call(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+    """The padding mask passed to `TopKRouter.routing` (0.16+), True = padding, else None."""
+    if "padding_mask" in kwargs:
+        return kwargs["padding_mask"]
+    return args[0] if args else None
+
+
+def aux_scores_and_map(
+    router, logits_TE: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router scores and top-k map the LBL is computed on (unbiased, undropped: as 0.14+)."""
+    if hasattr(moe_utils, "compute_routing_scores_for_aux_loss"):  # 0.14+
+        routing_map_TE, scores_TE = moe_utils.compute_routing_scores_for_aux_loss(
+            logits_TE,
+            router.topk,
+            router.score_function,
+            fused=getattr(router.config, "moe_router_fusion", False),
+        )
+        return scores_TE, routing_map_TE.bool()
+    scores_TE = router.compute_routing_scores_for_aux_loss(logits_TE)  # 0.12-0.13
+    top_indices_TK = torch.topk(scores_TE, k=router.topk, dim=1).indices
+    routing_map_TE = torch.zeros_like(scores_TE, dtype=torch.bool).scatter(1, top_indices_TK, True)
+    return scores_TE, routing_map_TE
+
+
+def tp_cp_group(router):
+    """Tensor x context parallel group of this router (the micro-batch balance group)."""
+    group = getattr(router, "tp_cp_group", None)
+    return group if group is not None else parallel_state.get_tensor_and_context_parallel_group()
+
+
+def tp_dp_cp_group(router):
+    """Tensor x data x context parallel group of this router's pipeline stage."""
+    group = getattr(router, "tp_dp_cp_group", None)
+    return group if group is not None else default_tp_dp_cp_group()
+
+
+def default_tp_dp_cp_group():
+    return parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True)
+
+
+def data_parallel_rank_and_size() -> tuple[int, int]:
+    return (
+        parallel_state.get_data_parallel_rank(with_context_parallel=False),
+        parallel_state.get_data_parallel_world_size(with_context_parallel=False),
+    )
+
+
+def model_parallel_ready() -> bool:
+    return torch.distributed.is_initialized() and parallel_state.model_parallel_is_initialized()
+
+
+def attach_and_log(
+    router,
+    probs: torch.Tensor,
+    loss: torch.Tensor,
+    coeff: float,
+    tracker_name: str,
+    reduce_group,
+    num_local_tokens: torch.Tensor,
+) -> torch.Tensor:
+    """Attach `loss` to `probs` for backward and record loss/coeff in Megatron's aux-loss tracker.
+
+    Logged like upstream's micro-batch aux_loss: summed over `reduce_group`, then averaged over
+    data parallel by Megatron's tracker reduction (the same in 0.12-0.16).
+    """
+    num_layers = router.config.num_layers + (getattr(router.config, "mtp_num_layers", None) or 0)
+    moe_utils.save_to_aux_losses_tracker(
+        tracker_name, loss / coeff, router.layer_number, num_layers, reduce_group=reduce_group
+    )
+    if router.config.calculate_per_token_loss:
+        # Megatron divides every gradient by the global token count in per-token-loss mode;
+        # scaling by the local count restores the per-micro-batch mean (as upstream does).
+        loss = loss * num_local_tokens
+    return moe_utils.MoEAuxLossAutoScaler.apply(probs, loss)

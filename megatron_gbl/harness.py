@@ -1,0 +1,193 @@
+"""Run real Megatron-Core MoE models on CPU with gloo: for tests, the demo and benchmarks.
+
+Megatron-Core assumes CUDA in a few places that have nothing to do with load balancing.
+`install_cpu_shims()` patches exactly those, reversibly. The plugin's runtime path never
+imports this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import io
+import os
+import queue
+import tempfile
+import time
+import traceback
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+_SHIMS: list[tuple[object, str, object]] = []
+# Factory functions Megatron calls with device="cuda" (schedules, causal masks).
+_FACTORIES = ("empty", "full", "ones", "zeros", "tensor", "arange", "rand", "randn", "randint")
+
+
+def _on_cpu(factory):
+    def factory_on_cpu(*args, **kwargs):
+        device = kwargs.get("device")
+        if device is not None and torch.device(device).type == "cuda":
+            kwargs["device"] = "cpu"
+        return factory(*args, **kwargs)
+
+    return factory_on_cpu
+
+
+def _set(owner, name, value):
+    _SHIMS.append((owner, name, getattr(owner, name, None)))
+    setattr(owner, name, value)
+
+
+def install_cpu_shims() -> None:
+    """Make Megatron-Core's CUDA-only helpers work on CPU (idempotent)."""
+    if _SHIMS:
+        return
+    from megatron.core import tensor_parallel, utils
+    from megatron.core.tensor_parallel import random as megatron_random
+    from megatron.core.transformer.moe import moe_utils
+
+    _set(torch.cuda, "current_device", lambda: torch.device("cpu"))
+    # Megatron keeps a scratch buffer on the current CUDA device for sequence-parallel gathers.
+    _set(
+        utils.GlobalMemoryBuffer,
+        "get_tensor",
+        lambda self, shape, dtype, name, *a, **k: torch.empty(shape, dtype=dtype),
+    )
+    tracker_cls = type(tensor_parallel.get_cuda_rng_tracker())
+    _set(tracker_cls, "fork", lambda self, *a, **k: contextlib.nullcontext())
+    # Activation recompute saves and restores the CUDA RNG; the CPU RNG is handled by Megatron.
+    _set(megatron_random, "_get_cuda_rng_state", lambda *a, **k: torch.empty(0))
+    _set(megatron_random, "_set_cuda_rng_state", lambda *a, **k: None)
+    if not hasattr(moe_utils, "te_general_gemm"):
+        # 0.13-0.16 name this symbol only when Transformer Engine imports.
+        _set(moe_utils, "te_general_gemm", None)
+    _set(torch.Tensor, "cuda", lambda self, *a, **k: self)
+    for name in _FACTORIES:
+        _set(torch, name, _on_cpu(getattr(torch, name)))
+
+
+def uninstall_cpu_shims() -> None:
+    """Restore everything `install_cpu_shims` changed."""
+    while _SHIMS:
+        owner, name, value = _SHIMS.pop()
+        setattr(owner, name, value)
+
+
+def run_gloo(fn: Callable, world_size: int, *args, timeout_s: float = 600.0) -> list:
+    """Run `fn(rank, world_size, *args)` in `world_size` fresh processes joined by gloo.
+
+    `fn` must be importable (processes are spawned). Returns each rank's return value;
+    raises with the failing rank's traceback, or when the run outlives `timeout_s`.
+    """
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "rendezvous")
+        procs = [
+            ctx.Process(target=_worker, args=(fn, rank, world_size, init_file, results, args))
+            for rank in range(world_size)
+        ]
+        for proc in procs:
+            proc.start()
+        outcome: dict[int, tuple[bool, object]] = {}
+        deadline = time.monotonic() + timeout_s
+        try:
+            while len(outcome) < world_size:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"run_gloo: {fn.__name__} did not finish in {timeout_s}s")
+                try:
+                    rank, ok, value = results.get(timeout=min(remaining, 5.0))
+                except queue.Empty:
+                    dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                    if dead and len(outcome) < world_size and results.empty():
+                        raise RuntimeError(f"run_gloo: a rank died with exit code {dead[0]}")
+                    continue
+                outcome[rank] = (ok, value)
+                if not ok:
+                    raise RuntimeError(f"rank {rank} failed:\n{value}")
+        finally:
+            for proc in procs:
+                proc.join(timeout=10)
+                if proc.is_alive():
+                    proc.kill()
+    return [torch.load(io.BytesIO(outcome[rank][1]), weights_only=False)
+            for rank in range(world_size)]
+
+
+def _worker(fn, rank, world_size, init_file, results, args):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group(
+            "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+            timeout=datetime.timedelta(seconds=300),
+        )
+        install_cpu_shims()
+        # Bytes, not tensors: shared-memory tensors die with the process that made them.
+        payload = io.BytesIO()
+        torch.save(fn(rank, world_size, *args), payload)
+        results.put((rank, True, payload.getvalue()))
+    except BaseException:  # noqa: BLE001 - the parent re-raises it with the traceback
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def init_model_parallel(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
+                        context_parallel_size: int = 1) -> None:
+    from megatron.core import parallel_state
+
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        context_parallel_size=context_parallel_size,
+    )
+
+
+def model_parallel_initialized() -> bool:
+    from megatron.core import parallel_state
+
+    return parallel_state.model_parallel_is_initialized()
+
+
+def moe_config(**overrides):
+    """A tiny GPT-MoE TransformerConfig that runs on CPU (the allgather dispatcher)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    kwargs = dict(
+        num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64,
+        num_moe_experts=8, moe_router_topk=2, moe_ffn_hidden_size=64,
+        moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=1e-2,
+        moe_token_dispatcher_type="allgather", use_cpu_initialization=True,
+        add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
+    )
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def build_gpt_moe(config, vocab_size: int = 64, max_sequence_length: int = 64, seed: int = 0):
+    """A real Megatron-Core GPTModel with MoE layers; identical weights on every rank."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    torch.manual_seed(seed)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=get_gpt_layer_local_spec(num_experts=config.num_moe_experts),
+        vocab_size=vocab_size,
+        max_sequence_length=max_sequence_length,
+    )
+    if config.bf16:
+        model = model.bfloat16()
+    return model
+
+
+def routers_of(model) -> list:
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    return [m for m in model.modules() if isinstance(m, TopKRouter)]

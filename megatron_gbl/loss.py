@@ -1,0 +1,50 @@
+"""The load-balancing loss as pure functions: no process groups, no Megatron imports.
+
+Shapes use torchtitan-style suffixes: T tokens, E experts (or any trailing "expert" axis, such
+as the B*E axis of the per-sequence loss), K top-k.
+
+Paper: Qiu et al. 2025, "Demons in the Detail" (arXiv 2501.11873), eq. 2-6 and Algorithm 1.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def load_balancing_loss(
+    probs_sum_E: torch.Tensor,
+    tokens_per_expert_E: torch.Tensor,
+    num_tokens_for_f: torch.Tensor,
+    num_tokens_for_p: torch.Tensor,
+    topk: int,
+    num_experts: int,
+    coeff: float,
+) -> torch.Tensor:
+    """coeff * LBL with LBL = N_E * Σ_i f_i * P_i (paper eq. 2; per-rank form of eq. 6).
+
+        f_i = c_i / (K * T_f)      fraction of the T_f*K expert choices that went to expert i
+        P_i = s_i / T_p            mean router probability of expert i
+
+    f and P may come from different token sets: eq. 6 pairs the global f (counts summed over
+    the balance group and the step's micro-batches so far) with the local P of this rank.
+
+    Args:
+        probs_sum_E: s_i = Σ_x p(x, i) over this rank's valid tokens, float, shape [..., E].
+        tokens_per_expert_E: c_i, int64 counts f is taken over, same shape as probs_sum_E.
+        num_tokens_for_f: T_f, the number of tokens c was counted over (int64 scalar tensor).
+        num_tokens_for_p: T_p, the number of tokens P is a mean over (scalar tensor).
+        topk: K, expert choices per token.
+        num_experts: N_E (the trailing axis may be longer, e.g. B*E for the per-sequence loss).
+        coeff: the loss weight (Megatron's moe_aux_loss_coeff).
+    Returns:
+        Scalar loss in probs_sum_E's dtype. An empty token set contributes 0, not NaN.
+    """
+    # Divide in float64 so counts above 2^24 stay exact until the final cast.
+    f_E = tokens_per_expert_E.double() / (topk * _nonzero(num_tokens_for_f.double()))
+    p_E = probs_sum_E / _nonzero(num_tokens_for_p.to(probs_sum_E.dtype))
+    return (f_E.to(probs_sum_E.dtype) * p_E).sum() * (num_experts * coeff)
+
+
+def _nonzero(num_tokens: torch.Tensor) -> torch.Tensor:
+    # No tokens means every count and probability sum is 0 too: divide by 1 to get 0, not NaN.
+    return torch.where(num_tokens > 0, num_tokens, torch.ones_like(num_tokens))

@@ -1,0 +1,81 @@
+"""Independent single-process references: plain torch, no Megatron, no megatron_gbl code.
+
+The whole data-parallel batch is in one process. For micro-batch k of a step, the global-batch
+LBL with the buffer of Algorithm 1 is
+
+    LBL_k = N_E * Σ_i f_i^(k) * Pbar_i^(k)
+    f_i^(k)    = (# choices of expert i in micro-batches 0..k, all ranks) / (K * valid tokens in them)
+    Pbar_i^(k) = mean over all valid tokens of micro-batch k, all ranks, of softmax(x W^T)_i
+
+and a step's loss is coeff * mean_k LBL_k (Megatron averages micro-batch losses).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+
+def _route(x_NH: torch.Tensor, weight_EH: torch.Tensor, topk: int):
+    probs_NE = torch.softmax(x_NH.double() @ weight_EH.double().t(), dim=-1)
+    chosen_NE = torch.zeros_like(probs_NE).scatter(1, probs_NE.topk(topk, dim=-1).indices, 1.0)
+    return probs_NE, chosen_NE
+
+
+def _valid_tokens(hidden_SBH: torch.Tensor, padding_SB: Optional[torch.Tensor]) -> torch.Tensor:
+    tokens = hidden_SBH.reshape(-1, hidden_SBH.shape[-1])
+    return tokens if padding_SB is None else tokens[~padding_SB.reshape(-1)]
+
+
+def global_batch_lbl(
+    weight_EH: torch.Tensor,
+    hidden: Sequence[Sequence[torch.Tensor]],
+    padding: Optional[Sequence[Sequence[Optional[torch.Tensor]]]],
+    topk: int,
+    coeff: float,
+    buffered: bool,
+) -> tuple[torch.Tensor, list[float]]:
+    """Step loss and per-micro-batch LBL values; hidden[k][r] is rank r's micro-batch k [S, B, H].
+
+    buffered=False gives the "dp" scope (f of micro-batch k alone, all ranks).
+    """
+    counts_E = torch.zeros(weight_EH.shape[0], dtype=torch.float64)
+    num_tokens = 0
+    losses = []
+    for k, ranks in enumerate(hidden):
+        x_NH = torch.cat([
+            _valid_tokens(h, None if padding is None else padding[k][r]) for r, h in enumerate(ranks)
+        ])
+        probs_NE, chosen_NE = _route(x_NH, weight_EH, topk)
+        if buffered:
+            counts_E = counts_E + chosen_NE.sum(0)
+            num_tokens += x_NH.shape[0]
+        else:
+            counts_E, num_tokens = chosen_NE.sum(0), x_NH.shape[0]
+        f_E = counts_E / (topk * num_tokens)
+        losses.append(weight_EH.shape[0] * (f_E * probs_NE.mean(0)).sum())
+    values = [float(v.detach()) for v in losses]
+    return coeff * torch.stack(losses).mean(), values
+
+
+def micro_batch_lbl(weight_EH, hidden_SBH, topk: int, coeff: float) -> torch.Tensor:
+    """Switch-Transformer LBL of one micro-batch on one rank (Megatron's aux_loss)."""
+    probs_NE, chosen_NE = _route(_valid_tokens(hidden_SBH, None), weight_EH, topk)
+    f_E = chosen_NE.sum(0) / (topk * probs_NE.shape[0])
+    return coeff * weight_EH.shape[0] * (f_E * probs_NE.mean(0)).sum()
+
+
+def sequence_lbl(weight_EH, hidden_SBH, topk: int, coeff: float) -> torch.Tensor:
+    """Mean over sequences of each sequence's LBL (Megatron's seq_aux_loss)."""
+    per_sequence = [
+        micro_batch_lbl(weight_EH, hidden_SBH[:, b : b + 1], topk, coeff)
+        for b in range(hidden_SBH.shape[1])
+    ]
+    return torch.stack(per_sequence).mean()
+
+
+def grad_of(loss_fn, weight_EH: torch.Tensor) -> torch.Tensor:
+    weight = weight_EH.detach().double().requires_grad_()
+    loss_fn(weight).backward()
+    return weight.grad

@@ -1,0 +1,142 @@
+"""Per-rank bodies for the multi-process tests (spawned, so they live in an importable module).
+
+Every worker runs real Megatron-Core modules on a real gloo group; the data of all ranks is
+generated from one seed so the parent process can build the single-process reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+import megatron_gbl
+from megatron_gbl import harness
+
+SEQ, MICRO_BSZ = 6, 2
+
+
+def make_hidden(seed: int, microbatches: int, world_size: int, hidden_size: int, padded: bool):
+    """hidden[k][r]: rank r's micro-batch k [S, B, H]; padding[k][r]: bool [S, B] or None.
+
+    Padding varies per rank and micro-batch, so valid-token counts are unequal everywhere.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    hidden = [[torch.randn(SEQ, MICRO_BSZ, hidden_size, generator=gen) for _ in range(world_size)]
+              for _ in range(microbatches)]
+    if not padded:
+        return hidden, None
+    padding = [[torch.arange(SEQ).unsqueeze(1) >= SEQ - torch.randint(0, SEQ, (1, MICRO_BSZ), generator=gen)
+                for _ in range(world_size)] for _ in range(microbatches)]
+    return hidden, padding
+
+
+def router_steps(rank: int, world_size: int, spec: dict) -> dict:
+    """Train-mode router calls through one real TopKRouter, Megatron-style loss scaling.
+
+    spec: scope (None = plugin off), lbl_type, coeff, microbatches, steps, padded, seed,
+    sync_group_size. Returns the data-parallel-averaged router gradient of the last step
+    (what DDP applies) plus what the plugin recorded.
+    """
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    if not harness.model_parallel_initialized():
+        harness.init_model_parallel()
+    config = harness.moe_config(moe_router_load_balancing_type=spec["lbl_type"],
+                                moe_aux_loss_coeff=spec["coeff"])
+    model = harness.build_gpt_moe(config)
+    router = harness.routers_of(model)[0]
+    if spec["scope"] is not None:
+        megatron_gbl.enable(spec["scope"], sync_group_size=spec.get("sync_group_size"))
+    microbatches = spec["microbatches"]
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / microbatches))
+    seen = []
+    for step in range(spec["steps"]):
+        hidden, padding = make_hidden(spec["seed"] + step, microbatches, world_size,
+                                      config.hidden_size, spec["padded"])
+        if spec["scope"] is not None:
+            megatron_gbl.start_step(model, microbatches)
+        elif spec["lbl_type"] == "global_aux_loss":
+            router.reset_global_aux_loss_tracker()
+        router.weight.grad = None
+        for k in range(microbatches):
+            kwargs = {} if padding is None else {"padding_mask": padding[k][rank]}
+            probs, _ = router(hidden[k][rank], **kwargs)
+            # Megatron's trick: a zero main loss keeps only the aux-loss gradient.
+            (probs * 0).sum().backward()
+            if spec["scope"] is not None:
+                state = router._megatron_gbl
+                seen.append({"microbatches": state.buffer.num_microbatches,
+                             "balance": megatron_gbl.balance_bsz(model).get(router.layer_number)})
+    grad = router.weight.grad.detach().clone()
+    dist.all_reduce(grad, op=dist.ReduceOp.AVG)  # DDP's data-parallel gradient averaging
+    megatron_gbl.disable()
+    return {"grad": grad, "weight": router.weight.detach().clone(), "seen": seen}
+
+
+def router_runs(rank: int, world_size: int, specs: list) -> list:
+    """Several `router_steps` runs in one set of processes (process start-up dominates)."""
+    return [router_steps(rank, world_size, spec) for spec in specs]
+
+
+def make_tokens(seed: int, microbatches: int, world_size: int, seq: int, bsz: int, vocab: int):
+    gen = torch.Generator().manual_seed(seed)
+    return [[torch.randint(0, vocab, (bsz, seq), generator=gen) for _ in range(world_size)]
+            for _ in range(microbatches)]
+
+
+def model_steps(rank: int, world_size: int, spec: dict) -> dict:
+    """Optimizer-step-shaped runs of a real GPT-MoE model through get_forward_backward_func().
+
+    spec: scope (None = plugin off), config (TransformerConfig overrides), microbatches,
+    step_seeds (one data seed per step), seq, bsz, lm_loss (False keeps only aux gradients).
+    Returns the DP-averaged gradients of the last step and the routers' buffer state.
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    harness.init_model_parallel()
+    config = harness.moe_config(**spec.get("config", {}))
+    model = harness.build_gpt_moe(config, vocab_size=64, max_sequence_length=spec["seq"])
+    if spec["scope"] is not None:
+        megatron_gbl.enable(spec["scope"], model=model)
+    position_ids = torch.arange(spec["seq"]).unsqueeze(0).expand(spec["bsz"], -1)
+
+    def forward_step(data_iterator, model):
+        tokens = next(data_iterator)
+        output = model(tokens, position_ids, None, labels=tokens)
+
+        def loss_func(output_tensor):
+            loss = output_tensor.float().mean()
+            return (loss if spec.get("lm_loss", True) else loss * 0), {"lm loss": loss.detach()}
+
+        return output, loss_func
+
+    routers = harness.routers_of(model)
+    for seed in spec["step_seeds"]:
+        data = make_tokens(seed, spec["microbatches"], world_size, spec["seq"], spec["bsz"], 64)
+        model.zero_grad(set_to_none=True)
+        if spec["scope"] is None and config.moe_router_load_balancing_type == "global_aux_loss":
+            for router in routers:
+                router.reset_global_aux_loss_tracker()
+        get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter([d[rank] for d in data]),
+            model=model, num_microbatches=spec["microbatches"], seq_length=spec["seq"],
+            micro_batch_size=spec["bsz"], forward_only=False,
+        )
+    grads = {}
+    for name, param in model.named_parameters():
+        if param.grad is not None:
+            grad = param.grad.detach().float().clone()
+            dist.all_reduce(grad, op=dist.ReduceOp.AVG)
+            grads[name] = grad
+    buffers = []
+    for router in routers:
+        if spec["scope"] is not None:
+            buf = router._megatron_gbl.buffer
+            buffers.append({"microbatches": buf.num_microbatches,
+                            "tokens_per_expert": buf.tokens_per_expert.clone(),
+                            "num_tokens": int(buf.num_tokens), "dtype": buf.tokens_per_expert.dtype})
+        elif getattr(router, "global_tokens_per_expert", None) is not None:
+            buffers.append({"microbatches": float(router.ga_steps),
+                            "tokens_per_expert": router.global_tokens_per_expert.clone(),
+                            "dtype": router.global_tokens_per_expert.dtype})
+    return {"grads": grads, "buffers": buffers}
