@@ -93,7 +93,8 @@ def model_steps(rank: int, world_size: int, spec: dict) -> dict:
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    harness.init_model_parallel()
+    if not harness.model_parallel_initialized():
+        harness.init_model_parallel()
     config = harness.moe_config(**spec.get("config", {}))
     model = harness.build_gpt_moe(config, vocab_size=64, max_sequence_length=spec["seq"])
     if spec["scope"] is not None:
@@ -139,4 +140,47 @@ def model_steps(rank: int, world_size: int, spec: dict) -> dict:
             buffers.append({"microbatches": float(router.ga_steps),
                             "tokens_per_expert": router.global_tokens_per_expert.clone(),
                             "dtype": router.global_tokens_per_expert.dtype})
+    megatron_gbl.disable()
     return {"grads": grads, "buffers": buffers}
+
+
+def model_runs(rank: int, world_size: int, specs: list) -> list:
+    return [model_steps(rank, world_size, spec) for spec in specs]
+
+
+def bad_input_messages(rank: int, world_size: int) -> dict:
+    """The errors a misconfigured run gets before its first step, by case."""
+    harness.init_model_parallel()
+    messages = {}
+
+    def capture(case, fn):
+        try:
+            fn()
+        except (ValueError, RuntimeError) as error:
+            messages[case] = str(error)
+        finally:
+            megatron_gbl.disable()
+
+    capture("sync_group_size=3 at DP=4",
+            lambda: megatron_gbl.enable("global", sync_group_size=3))
+    dense = harness.build_gpt_moe(harness.moe_config(num_moe_experts=None, moe_ffn_hidden_size=None,
+                                                     moe_router_load_balancing_type="none"))
+    capture("dense model", lambda: megatron_gbl.enable("global", model=dense))
+    for case, overrides in {
+        "sinkhorn": dict(moe_router_load_balancing_type="sinkhorn", moe_aux_loss_coeff=0.0),
+        "none": dict(moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0),
+        "coeff 0": dict(moe_aux_loss_coeff=0.0),
+    }.items():
+        model = harness.build_gpt_moe(harness.moe_config(**overrides))
+        capture(case, lambda: megatron_gbl.enable("global", model=model))
+    # Without a step boundary, "global" refuses to run rather than accumulate forever.
+    model = harness.build_gpt_moe(harness.moe_config())
+    router = harness.routers_of(model)[0]
+    megatron_gbl.enable("global")
+    capture("no step boundary",
+            lambda: router(torch.randn(4, 2, model.config.hidden_size))[0].sum().backward())
+    megatron_gbl.enable("global")
+    megatron_gbl.start_step(model, num_microbatches=1)
+    router(torch.randn(4, 2, model.config.hidden_size))
+    capture("counted twice", lambda: router(torch.randn(4, 2, model.config.hidden_size)))
+    return messages
