@@ -65,6 +65,7 @@ def install_cpu_shims() -> None:
         # 0.13-0.16 name this symbol only when Transformer Engine imports.
         _set(moe_utils, "te_general_gemm", None)
     _set(torch.Tensor, "cuda", lambda self, *a, **k: self)
+    _set(torch.cuda, "synchronize", lambda *a, **k: None)  # pipeline p2p waits on streams
     for name in _FACTORIES:
         _set(torch, name, _on_cpu(getattr(torch, name)))
 
@@ -165,13 +166,18 @@ def moe_config(**overrides):
         moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=1e-2,
         moe_token_dispatcher_type="allgather", use_cpu_initialization=True,
         add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
+        pipeline_dtype=torch.float32,
     )
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
 
 
 def build_gpt_moe(config, vocab_size: int = 64, max_sequence_length: int = 64, seed: int = 0):
-    """A real Megatron-Core GPTModel with MoE layers; identical weights on every rank."""
+    """A real Megatron-Core GPTModel with MoE layers (this rank's pipeline stage).
+
+    Weights are identical on every data-parallel rank.
+    """
+    from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
@@ -181,6 +187,8 @@ def build_gpt_moe(config, vocab_size: int = 64, max_sequence_length: int = 64, s
         transformer_layer_spec=get_gpt_layer_local_spec(num_experts=config.num_moe_experts),
         vocab_size=vocab_size,
         max_sequence_length=max_sequence_length,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
     )
     if config.bf16:
         model = model.bfloat16()

@@ -37,6 +37,19 @@ def test_recompute_on_equals_off():
             assert torch.equal(ours["tokens_per_expert"], ref["tokens_per_expert"])
 
 
+def test_pipeline_1f1b_counts_each_microbatch_once_with_and_without_recompute():
+    # 4 ranks: 2 pipeline stages x 2 data-parallel replicas, 1F1B with 4 micro-batches.
+    spec = base(pp=2, microbatches=4)
+    results = run_gloo(workers.model_runs, 4, [spec, dict(spec, config=FULL_RECOMPUTE)])
+    for stage_rank in (0, 2):  # global rank 0 is stage 0, rank 2 is stage 1
+        off, full = results[stage_rank]
+        assert off["buffers"] and all(b["microbatches"] == 4 for b in off["buffers"])
+        for ours, ref in zip(full["buffers"], off["buffers"]):
+            assert torch.equal(ours["tokens_per_expert"], ref["tokens_per_expert"])
+        for name, grad in off["grads"].items():
+            torch.testing.assert_close(full["grads"][name], grad, rtol=1e-5, atol=1e-7)
+
+
 def test_schedule_resets_buffer_every_step_without_extra_call():
     two_steps, last_step_alone = run([base(step_seeds=[1, 2], lm_loss=False),
                                       base(step_seeds=[2], lm_loss=False)])

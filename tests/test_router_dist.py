@@ -50,7 +50,8 @@ CASES = [(scope, ga, padded) for scope, ga, padded in
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_dp_and_global_match_single_process_reference(world_size):
-    specs = [spec(scope, ga, padded, seed=10 + i) for i, (scope, ga, padded) in enumerate(CASES)]
+    specs = [spec(scope, ga, padded, seed=10 + i, enable_before_build=i % 2 == 1)
+             for i, (scope, ga, padded) in enumerate(CASES)]
     results = run_gloo(workers.router_runs, world_size, specs)
     for i, (scope, ga, padded) in enumerate(CASES):
         expected = global_reference(results[0][i], world_size, ga, padded, 10 + i,
@@ -72,6 +73,12 @@ def test_micro_and_seq_equal_upstream_aux_and_seq_aux_loss():
         assert upstream["grad"].abs().sum() > 0
         torch.testing.assert_close(ours["grad"], upstream["grad"], rtol=1e-5, atol=1e-9,
                                    msg=f"scope={scope} differs from upstream {lbl_type}")
+        # The value Megatron's aux-loss tracker logs, under upstream's own name.
+        assert ours["logged"].keys() == upstream["logged"].keys() == {
+            "load_balancing_loss" if lbl_type == "aux_loss" else "seq_load_balancing_loss"}
+        for name, values in upstream["logged"].items():
+            assert values.abs().sum() > 0
+            torch.testing.assert_close(ours["logged"][name], values, rtol=1e-6, atol=0)
     # And both equal the independent reference: mean over ranks and micro-batches (eq. 3).
     hidden, _ = workers.make_hidden(3, 2, 2, HIDDEN, padded=False)
     for i, per_rank in ((0, reference.micro_batch_lbl), (2, reference.sequence_lbl)):
@@ -87,8 +94,18 @@ def test_micro_and_seq_equal_upstream_aux_and_seq_aux_loss():
 def test_side_by_side_with_upstream_global_aux_loss(world_size):
     specs = [spec(None, 4, lbl_type="global_aux_loss", seed=7),
              spec("global", 4, lbl_type="global_aux_loss", seed=7)]
-    upstream, ours = run_gloo(workers.router_runs, world_size, specs)[0]
+    per_rank = run_gloo(workers.router_runs, world_size, specs)
+    upstream, ours = per_rank[0]
     expected = global_reference(ours, world_size, 4, False, 7, buffered=True)
+    hidden, _ = workers.make_hidden(7, 4, world_size, HIDDEN, padded=False)
+    lbl_sum = sum(reference.global_batch_lbl(ours["weight"], hidden, None, TOPK, COEFF, True)[1])
+    # Logged values after Megatron's tracker reduction: ours is DP-averaged, upstream's is
+    # summed over TP x DP x CP. Both report the true global-batch LBL; only the gradients differ.
+    name = "global_load_balancing_loss"
+    ours_logged = sum(float(r[1]["logged"][name].sum()) for r in per_rank) / world_size
+    upstream_logged = sum(float(r[0]["logged"][name].sum()) for r in per_rank)
+    assert ours_logged == pytest.approx(lbl_sum, rel=1e-5)
+    assert upstream_logged == pytest.approx(lbl_sum, rel=1e-5)
     ours_err = rel_err(ours["grad"], expected)
     ratio = float(expected.norm() / upstream["grad"].double().norm())
     cosine = float(torch.nn.functional.cosine_similarity(

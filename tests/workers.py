@@ -41,12 +41,19 @@ def router_steps(rank: int, world_size: int, spec: dict) -> dict:
 
     if not harness.model_parallel_initialized():
         harness.init_model_parallel()
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    enable_first = spec.get("enable_before_build", False)
+    if spec["scope"] is not None and enable_first:
+        megatron_gbl.enable(spec["scope"], sync_group_size=spec.get("sync_group_size"))
     config = harness.moe_config(moe_router_load_balancing_type=spec["lbl_type"],
                                 moe_aux_loss_coeff=spec["coeff"])
     model = harness.build_gpt_moe(config)
     router = harness.routers_of(model)[0]
-    if spec["scope"] is not None:
+    if spec["scope"] is not None and not enable_first:
         megatron_gbl.enable(spec["scope"], sync_group_size=spec.get("sync_group_size"))
+    tracker = get_moe_layer_wise_logging_tracker()
+    tracker.clear()
     microbatches = spec["microbatches"]
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / microbatches))
     seen = []
@@ -70,7 +77,8 @@ def router_steps(rank: int, world_size: int, spec: dict) -> dict:
     grad = router.weight.grad.detach().clone()
     dist.all_reduce(grad, op=dist.ReduceOp.AVG)  # DDP's data-parallel gradient averaging
     megatron_gbl.disable()
-    return {"grad": grad, "weight": router.weight.detach().clone(), "seen": seen}
+    logged = {name: entry["values"].clone() for name, entry in tracker.items()}
+    return {"grad": grad, "weight": router.weight.detach().clone(), "seen": seen, "logged": logged}
 
 
 def router_runs(rank: int, world_size: int, specs: list) -> list:
@@ -88,13 +96,15 @@ def model_steps(rank: int, world_size: int, spec: dict) -> dict:
     """Optimizer-step-shaped runs of a real GPT-MoE model through get_forward_backward_func().
 
     spec: scope (None = plugin off), config (TransformerConfig overrides), microbatches,
-    step_seeds (one data seed per step), seq, bsz, lm_loss (False keeps only aux gradients).
+    step_seeds (one data seed per step), seq, bsz, lm_loss (False keeps only aux gradients),
+    pp (pipeline stages; the 1F1B schedule when > 1).
     Returns the DP-averaged gradients of the last step and the routers' buffer state.
     """
+    from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     if not harness.model_parallel_initialized():
-        harness.init_model_parallel()
+        harness.init_model_parallel(pipeline_model_parallel_size=spec.get("pp", 1))
     config = harness.moe_config(**spec.get("config", {}))
     model = harness.build_gpt_moe(config, vocab_size=64, max_sequence_length=spec["seq"])
     if spec["scope"] is not None:
@@ -127,7 +137,7 @@ def model_steps(rank: int, world_size: int, spec: dict) -> dict:
     for name, param in model.named_parameters():
         if param.grad is not None:
             grad = param.grad.detach().float().clone()
-            dist.all_reduce(grad, op=dist.ReduceOp.AVG)
+            dist.all_reduce(grad, op=dist.ReduceOp.AVG, group=parallel_state.get_data_parallel_group())
             grads[name] = grad
     buffers = []
     for router in routers:
