@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Run the test suite against each supported megatron-core release, each in its own venv.
+#   scripts/test_versions.sh                 # 0.12.3 0.14.0 0.16.1
+#   scripts/test_versions.sh 0.14.0          # just one
+# Venvs live in .venvs/mcore-<version> and are reused; torch is the CPU build 2.13.0.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+versions=("$@")
+[ ${#versions[@]} -gt 0 ] || versions=(0.12.3 0.14.0 0.16.1)
+python=${PYTHON:-python3}
+status=0
+summary=()
+for version in "${versions[@]}"; do
+  venv=".venvs/mcore-${version}"
+  echo "=== megatron-core ${version} (${venv})"
+  if [ ! -x "${venv}/bin/python" ]; then
+    "${python}" -m venv "${venv}"
+    "${venv}/bin/pip" install -q --upgrade pip
+    "${venv}/bin/pip" install -q torch==2.13.0
+  fi
+  "${venv}/bin/pip" install -q "megatron-core==${version}" -e ".[test]"
+  if "${venv}/bin/python" -m pytest -q tests; then
+    summary+=("megatron-core ${version}: passed")
+  else
+    summary+=("megatron-core ${version}: FAILED")
+    status=1
+  fi
+done
+printf '%s\n' "${summary[@]}"
+exit "${status}"
