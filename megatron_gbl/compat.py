@@ -8,6 +8,7 @@ Everything is decided by feature detection, never by version strings:
 | aux scores                               | `router.compute_routing_scores_for_aux_loss(logits)` | `moe_utils.compute_routing_scores_for_aux_loss(logits, topk, fn, fused)` | same |
 | router process groups                    | `parallel_state`                   | `router.tp_cp_group`       | + `router.tp_dp_cp_group`      |
 | `routing(logits, padding_mask)`          | no mask                            | no mask                    | mask from 0.16 (True = padding)|
+| aux-loss tracker                         | `parallel_state`, one name for all LBLs | `moe_utils`, a name per type | same as 0.14               |
 
 0.17-0.19 (Python >= 3.12, not installable here) keep these entry points; the differences that
 matter to this module are written down in README.md ("Megatron-Core versions").
@@ -23,18 +24,23 @@ from megatron.core.transformer.moe import moe_utils
 from megatron.core.transformer.moe.router import TopKRouter
 
 LBL_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss")
-# The aux-loss-tracker name Megatron-LM's training_log already reduces and reports per type.
-TRACKER_NAMES = {
-    "aux_loss": "load_balancing_loss",
-    "seq_aux_loss": "seq_load_balancing_loss",
-    "global_aux_loss": "global_load_balancing_loss",
-}
 
 SCHEDULE_FUNCTIONS = (
     "forward_backward_no_pipelining",
     "forward_backward_pipelining_without_interleaving",
     "forward_backward_pipelining_with_interleaving",
 )
+
+
+def tracker_name(lbl_type: str) -> str:
+    """The aux-loss-tracker name Megatron-LM's training_log reduces and reports for a type.
+
+    0.12-0.13 log every LBL type as "load_balancing_loss"; 0.14 gave each type its own name.
+    """
+    if not hasattr(TopKRouter, "_apply_seq_aux_loss"):
+        return "load_balancing_loss"
+    return {"aux_loss": "load_balancing_loss", "seq_aux_loss": "seq_load_balancing_loss",
+            "global_aux_loss": "global_load_balancing_loss"}[lbl_type]
 
 
 def upstream_lbl_switch() -> tuple[str, object]:
@@ -112,6 +118,12 @@ def data_parallel_rank_and_size() -> tuple[int, int]:
 
 def model_parallel_ready() -> bool:
     return torch.distributed.is_initialized() and parallel_state.model_parallel_is_initialized()
+
+
+def aux_losses_tracker() -> dict:
+    """Megatron's per-layer aux-loss tracker dict (moe_utils from 0.13, parallel_state before)."""
+    owner = moe_utils if hasattr(moe_utils, "get_moe_layer_wise_logging_tracker") else parallel_state
+    return owner.get_moe_layer_wise_logging_tracker()
 
 
 def attach_and_log(

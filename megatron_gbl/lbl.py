@@ -104,7 +104,7 @@ def apply_scoped_lbl(
         state.balance_sequences = bsz * replicas * microbatches
 
     return compat.attach_and_log(
-        router, probs, loss, state.coeff, compat.TRACKER_NAMES[state.lbl_type], local_group,
+        router, probs, loss, state.coeff, compat.tracker_name(state.lbl_type), local_group,
         num_local_tokens,
     )
 

@@ -26,7 +26,6 @@ from megatron_gbl.lbl import BalanceBSZ, RouterState, apply_scoped_lbl
 
 logger = logging.getLogger("megatron_gbl")
 
-_MARKER = "__megatron_gbl_patched__"
 _STATE_ATTR = "_megatron_gbl"
 _ORIGINALS: dict[tuple[object, str], object] = {}
 _SETTINGS: Optional[Settings] = None
@@ -47,12 +46,18 @@ def enable(scope: str, *, sync_group_size: Optional[int] = None, model: Optional
     """
     global _SETTINGS
     settings = Settings(scope, sync_group_size)
+    was_enabled = is_enabled()
+    try:
+        if settings.sync_group_size is not None and compat.model_parallel_ready():
+            _sync_block_group(settings.sync_group_size, build=True)
+        if model is not None:
+            _routers_of(model)
+    except Exception:
+        if not was_enabled:
+            disable()  # a rejected enable leaves upstream untouched
+        raise
     _SETTINGS = settings
     _install()
-    if settings.sync_group_size is not None and compat.model_parallel_ready():
-        _sync_block_group(settings.sync_group_size, build=True)
-    if model is not None:
-        _routers_of(model)
     logger.info("megatron_gbl: load-balancing loss scope=%s sync_group_size=%s",
                 settings.scope, settings.sync_group_size)
 
@@ -188,7 +193,6 @@ def _install() -> None:
 def _replace(owner, name: str, make_replacement) -> None:
     original = getattr(owner, name)
     replacement = make_replacement(original)
-    setattr(replacement, _MARKER, True)
     replacement.__wrapped__ = original
     _ORIGINALS[(owner, name)] = original
     setattr(owner, name, replacement)

@@ -11,6 +11,7 @@ import torch
 
 import reference
 import workers
+from megatron_gbl import compat
 from megatron_gbl.harness import run_gloo
 
 TOPK, COEFF, HIDDEN = 2, 1e-2, 32
@@ -63,19 +64,21 @@ def test_dp_and_global_match_single_process_reference(world_size):
 
 
 def test_micro_and_seq_equal_upstream_aux_and_seq_aux_loss():
-    pairs = [("micro", "aux_loss"), ("seq", "seq_aux_loss")]
+    pairs = [("micro", "aux_loss", False), ("seq", "seq_aux_loss", False)]
+    if padding_supported:
+        pairs += [("micro", "aux_loss", True), ("seq", "seq_aux_loss", True)]
     specs = []
-    for scope, lbl_type in pairs:
-        specs += [spec(None, 2, lbl_type=lbl_type, seed=3), spec(scope, 2, lbl_type=lbl_type, seed=3)]
+    for scope, lbl_type, padded in pairs:
+        specs += [spec(None, 2, padded, lbl_type=lbl_type, seed=3),
+                  spec(scope, 2, padded, lbl_type=lbl_type, seed=3)]
     results = run_gloo(workers.router_runs, 2, specs)[0]
-    for i, (scope, lbl_type) in enumerate(pairs):
+    for i, (scope, lbl_type, padded) in enumerate(pairs):
         upstream, ours = results[2 * i], results[2 * i + 1]
         assert upstream["grad"].abs().sum() > 0
         torch.testing.assert_close(ours["grad"], upstream["grad"], rtol=1e-5, atol=1e-9,
-                                   msg=f"scope={scope} differs from upstream {lbl_type}")
+                                   msg=f"scope={scope} padded={padded} differs from upstream {lbl_type}")
         # The value Megatron's aux-loss tracker logs, under upstream's own name.
-        assert ours["logged"].keys() == upstream["logged"].keys() == {
-            "load_balancing_loss" if lbl_type == "aux_loss" else "seq_load_balancing_loss"}
+        assert ours["logged"].keys() == upstream["logged"].keys() == {compat.tracker_name(lbl_type)}
         for name, values in upstream["logged"].items():
             assert values.abs().sum() > 0
             torch.testing.assert_close(ours["logged"][name], values, rtol=1e-6, atol=0)

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 import megatron_gbl
-from megatron_gbl import harness
+from megatron_gbl import compat, harness
 
 SEQ, MICRO_BSZ = 6, 2
 
@@ -41,8 +41,6 @@ def router_steps(rank: int, world_size: int, spec: dict) -> dict:
 
     if not harness.model_parallel_initialized():
         harness.init_model_parallel()
-    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
-
     enable_first = spec.get("enable_before_build", False)
     if spec["scope"] is not None and enable_first:
         megatron_gbl.enable(spec["scope"], sync_group_size=spec.get("sync_group_size"))
@@ -52,7 +50,7 @@ def router_steps(rank: int, world_size: int, spec: dict) -> dict:
     router = harness.routers_of(model)[0]
     if spec["scope"] is not None and not enable_first:
         megatron_gbl.enable(spec["scope"], sync_group_size=spec.get("sync_group_size"))
-    tracker = get_moe_layer_wise_logging_tracker()
+    tracker = compat.aux_losses_tracker()
     tracker.clear()
     microbatches = spec["microbatches"]
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / microbatches))
