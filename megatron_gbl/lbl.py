@@ -85,12 +85,7 @@ def apply_scoped_lbl(
     else:
         group = local_group if settings.scope == "micro" else sync_group
         replicas = _size(group) // _size(local_group)
-        # One collective for counts and tokens: int64, so the sum is exact on any backend.
-        synced = comm.all_reduce_sum(
-            torch.cat([routing_map_TE.sum(dim=0, dtype=torch.int64), num_local_tokens.view(1)]),
-            group,
-        )
-        tokens_per_expert_E, num_tokens = synced[:-1], synced[-1]
+        tokens_per_expert_E, num_tokens = _synced_counts(routing_map_TE, num_local_tokens, group)
         num_tokens_for_f = num_tokens
         microbatches = 1
         if settings.scope == "global":
@@ -118,21 +113,26 @@ def _sequence_loss(router, state, scores_TE, routing_map_TE, num_local_tokens, s
     sequence is normalised by the mean valid-token count per sequence over TP x CP.
     """
     num_experts = scores_TE.shape[-1]
-    synced = comm.all_reduce_sum(
-        torch.cat([
-            routing_map_TE.reshape(seq_length, bsz * num_experts).sum(dim=0, dtype=torch.int64),
-            num_local_tokens.view(1),
-        ]),
-        local_group,
-    )
-    tokens_per_seq = synced[-1] / bsz
+    tokens_per_expert_BE, num_tokens = _synced_counts(
+        routing_map_TE.reshape(seq_length, bsz * num_experts), num_local_tokens, local_group)
+    tokens_per_seq = num_tokens / bsz
     state.balance_tokens = tokens_per_seq
     state.balance_sequences = 1
     loss = load_balancing_loss(
-        scores_TE.reshape(seq_length, bsz * num_experts).sum(dim=0), synced[:-1],
+        scores_TE.reshape(seq_length, bsz * num_experts).sum(dim=0), tokens_per_expert_BE,
         tokens_per_seq, tokens_per_seq, router.topk, num_experts, state.coeff,
     )
     return loss / bsz
+
+
+def _synced_counts(routing_map_TE, num_local_tokens, group):
+    """Per-expert choice counts and valid tokens summed over `group`, in one int64 collective.
+
+    int64 keeps the sum exact on every backend and at any scale (no float count ever exists).
+    """
+    synced = comm.all_reduce_sum(
+        torch.cat([routing_map_TE.sum(dim=0, dtype=torch.int64), num_local_tokens.view(1)]), group)
+    return synced[:-1], synced[-1]
 
 
 def _size(group) -> int:
