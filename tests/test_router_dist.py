@@ -4,6 +4,7 @@ Gradients are the data-parallel average that Megatron's DDP applies, compared wi
 independent single-process references in reference.py on the concatenated batch.
 """
 
+import inspect
 import itertools
 
 import pytest
@@ -11,13 +12,12 @@ import torch
 
 import reference
 import workers
+from megatron.core.transformer.moe.router import TopKRouter
 from megatron_gbl import compat
 from megatron_gbl.harness import run_gloo
 
 TOPK, COEFF, HIDDEN = 2, 1e-2, 32
-padding_supported = "padding_mask" in __import__("inspect").signature(
-    __import__("megatron.core.transformer.moe.router", fromlist=["TopKRouter"]).TopKRouter.routing
-).parameters
+padding_supported = "padding_mask" in inspect.signature(TopKRouter.routing).parameters
 
 
 def spec(scope, microbatches=1, padded=False, lbl_type="aux_loss", steps=1, seed=0, **extra):
@@ -90,9 +90,8 @@ def test_micro_and_seq_equal_upstream_aux_and_seq_aux_loss():
         assert rel_err(results[i + 1]["grad"], expected) <= 1e-5
 
 
-@pytest.mark.skipif(
-    not hasattr(__import__("megatron.core.transformer.moe.router", fromlist=["x"]).TopKRouter,
-                "_apply_global_aux_loss"), reason="upstream global_aux_loss needs megatron-core>=0.15")
+@pytest.mark.skipif(not hasattr(TopKRouter, "_apply_global_aux_loss"),
+                    reason="upstream global_aux_loss needs megatron-core>=0.15")
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_side_by_side_with_upstream_global_aux_loss(world_size):
     specs = [spec(None, 4, lbl_type="global_aux_loss", seed=7),
