@@ -6,6 +6,8 @@ from typing import Optional
 
 import torch
 
+from megatron_gbl.comm import PendingSum
+
 
 class StepBuffer:
     """Synced expert counts of the current optimizer step's micro-batches so far.
@@ -21,24 +23,24 @@ class StepBuffer:
     """
 
     def __init__(self) -> None:
-        self.tokens_per_expert: Optional[torch.Tensor] = None  # int64 [E], Σ_{j<=k} c_j
-        self.num_tokens: Optional[torch.Tensor] = None  # int64 [], Σ_{j<=k} t_j
-        self.num_microbatches = 0  # k + 1 after micro-batch k
+        self.synced_counts: list[PendingSum] = []  # micro-batch j: [c_j (E), t_j], int64
+        self._prefix_sums: list[torch.Tensor] = []  # k: Σ_{j<=k} [c_j, t_j], filled on demand
         self.expected_microbatches: Optional[int] = None
         self.started = False
 
+    @property
+    def num_microbatches(self) -> int:
+        return len(self.synced_counts)
+
     def reset(self, expected_microbatches: Optional[int] = None) -> None:
         """Start a new optimizer step (Alg. 1 line 8)."""
-        self.tokens_per_expert = None
-        self.num_tokens = None
-        self.num_microbatches = 0
+        self.synced_counts = []
+        self._prefix_sums = []
         self.expected_microbatches = expected_microbatches
         self.started = True
 
-    def add(
-        self, tokens_per_expert_E: torch.Tensor, num_tokens: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Add micro-batch k's synced counts; return the prefix sums over micro-batches 0..k."""
+    def add(self, synced_counts: PendingSum) -> int:
+        """Add micro-batch k's counts [c_k, t_k] (possibly still being summed); return k."""
         if not self.started:
             raise RuntimeError(
                 "megatron_gbl: scope='global' needs the optimizer-step boundary: train through "
@@ -54,11 +56,13 @@ class StepBuffer:
                 "gradients on; use Megatron's recompute (--recompute-granularity / "
                 "--recompute-modules), which replays it once"
             )
-        if self.tokens_per_expert is None:
-            self.tokens_per_expert = tokens_per_expert_E.clone()
-            self.num_tokens = num_tokens.clone()
-        else:
-            self.tokens_per_expert += tokens_per_expert_E
-            self.num_tokens += num_tokens
-        self.num_microbatches += 1
-        return self.tokens_per_expert, self.num_tokens
+        self.synced_counts.append(synced_counts)
+        return self.num_microbatches - 1
+
+    def prefix(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Σ_{j<=k} c_j, Σ_{j<=k} t_j) (Alg. 1 lines 4-5), waiting for the sums it needs."""
+        while len(self._prefix_sums) <= k:
+            counts = self.synced_counts[len(self._prefix_sums)].wait()
+            self._prefix_sums.append(
+                counts if not self._prefix_sums else self._prefix_sums[-1] + counts)
+        return self._prefix_sums[k][:-1], self._prefix_sums[k][-1]

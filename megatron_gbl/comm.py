@@ -10,9 +10,27 @@ import torch.distributed as dist
 
 def all_reduce_sum(tensor: torch.Tensor, group) -> torch.Tensor:
     """Sum `tensor` in place over `group`; a no-op without a group or with a group of one."""
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(tensor, group=group)
-    return tensor
+    return PendingSum(tensor, group).wait()
+
+
+class PendingSum:
+    """An in-place sum of `tensor` over `group`, issued now and waited for by `wait()`.
+
+    Issuing it asynchronously lets the forward pass go on while the counts travel; the first
+    `wait()` blocks until they arrived (later ones return at once).
+    """
+
+    def __init__(self, tensor: torch.Tensor, group, blocking: bool = False) -> None:
+        self._tensor = tensor
+        self._work = None
+        if group is not None and dist.get_world_size(group) > 1:
+            self._work = dist.all_reduce(tensor, group=group, async_op=not blocking)
+
+    def wait(self) -> torch.Tensor:
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+        return self._tensor
 
 
 def sync_block_layout(

@@ -126,26 +126,38 @@ def aux_losses_tracker() -> dict:
     return owner.get_moe_layer_wise_logging_tracker()
 
 
-def attach_and_log(
-    router,
-    probs: torch.Tensor,
-    loss: torch.Tensor,
-    coeff: float,
-    tracker_name: str,
-    reduce_group,
-    num_local_tokens: torch.Tensor,
-) -> torch.Tensor:
-    """Attach `loss` to `probs` for backward and record loss/coeff in Megatron's aux-loss tracker.
+def log_to_tracker(router, name: str, value: torch.Tensor, reduce_group=None,
+                   avg_group=None) -> None:
+    """Add a router's per-layer value to Megatron's aux-loss tracker under `name`.
 
-    Logged like upstream's micro-batch aux_loss: summed over `reduce_group`, then averaged over
-    data parallel by Megatron's tracker reduction (the same in 0.12-0.16).
+    Megatron's tracker reduction (0.12-0.16) sums it over the pipeline stages, then either sums
+    it over `reduce_group` and averages it over data parallel, or averages it over `avg_group`;
+    reports show the mean over MoE layers.
     """
-    num_layers = router.config.num_layers + (getattr(router.config, "mtp_num_layers", None) or 0)
     moe_utils.save_to_aux_losses_tracker(
-        tracker_name, loss / coeff, router.layer_number, num_layers, reduce_group=reduce_group
+        name, value.detach(), router.layer_number, tracker_num_layers(router.config),
+        reduce_group=reduce_group, avg_group=avg_group,
     )
+
+
+def pipeline_group():
+    return parallel_state.get_pipeline_model_parallel_group()
+
+
+def tracker_num_layers(config) -> int:
+    """Length of the tracker's per-layer vectors: decoder layers plus MTP layers."""
+    return config.num_layers + (getattr(config, "mtp_num_layers", None) or 0)
+
+
+def aux_loss_backward_scale(router, num_local_tokens: torch.Tensor) -> torch.Tensor:
+    """The factor Megatron's MoEAuxLossAutoScaler gives an aux loss's gradient.
+
+    That is the main loss's scale (1 / micro-batches, and the loss scaler's factor); in
+    per-token-loss mode Megatron divides every gradient by the global token count, and scaling
+    by the local count restores the per-micro-batch mean (as upstream does).
+    """
+    scale = moe_utils.MoEAuxLossAutoScaler.main_loss_backward_scale
+    scale = torch.ones((), device=num_local_tokens.device) if scale is None else scale
     if router.config.calculate_per_token_loss:
-        # Megatron divides every gradient by the global token count in per-token-loss mode;
-        # scaling by the local count restores the per-micro-batch mean (as upstream does).
-        loss = loss * num_local_tokens
-    return moe_utils.MoEAuxLossAutoScaler.apply(probs, loss)
+        scale = scale * num_local_tokens
+    return scale

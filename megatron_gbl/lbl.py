@@ -11,19 +11,28 @@ with R the number of data-parallel replicas in the balance group. T_k / R is the
 count per replica, so after Megatron's data-parallel gradient averaging Σ_r ∇L_rk / R equals
 ∇(coeff * LBL) of the whole balance group's micro-batch k with buffered f, padding or not.
 For scope "micro" the group is TP x CP, R = 1 and this is exactly Megatron's aux_loss.
+With `micro_coeff` > 0 (dp/global), micro_coeff * LBL of the micro-batch over TP x CP is added
+(paper Tab. 5, "LBL_global + LBL_micro").
+
+No barrier in the forward pass: L is linear in the probability sums s_i, L = Σ_i w_i s_i with
+w = ∂L/∂s known once the counts are (loss.load_balancing_weights). The count all-reduce is
+issued asynchronously in the forward and waited for in this layer's backward, where w is first
+needed; the logged value Σ_i w_i s_i is recorded there too.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
-from megatron_gbl import comm, compat
+from megatron_gbl import compat
 from megatron_gbl.buffer import StepBuffer
 from megatron_gbl.config import Settings
-from megatron_gbl.loss import load_balancing_loss
+from megatron_gbl.comm import PendingSum
+from megatron_gbl.loss import load_balancing_weights
 
 
 @dataclass(frozen=True)
@@ -41,14 +50,20 @@ class RouterState:
     lbl_type: str
     coeff: float
     buffer: StepBuffer = field(default_factory=StepBuffer)
-    balance_tokens: Optional[torch.Tensor] = None
+    balance_tokens: Optional[Callable[[], torch.Tensor]] = None  # waits for the synced counts
     balance_sequences: int = 0
+    # Local, unreduced statistics of each micro-batch of the step, for metrics.step_metrics.
+    microbatch_stats: list = field(default_factory=list)
+
+    def start_step(self, expected_microbatches: Optional[int] = None) -> None:
+        self.buffer.reset(expected_microbatches)
+        self.microbatch_stats.clear()
 
     @property
     def balance_bsz(self) -> Optional[BalanceBSZ]:
         if self.balance_tokens is None:
             return None
-        return BalanceBSZ(int(self.balance_tokens), self.balance_sequences)
+        return BalanceBSZ(int(self.balance_tokens()), self.balance_sequences)
 
 
 def apply_scoped_lbl(
@@ -69,7 +84,8 @@ def apply_scoped_lbl(
         sync_group: the balance group for scopes dp/global.
     """
     seq_length, bsz, num_experts = logits_SBE.shape
-    scores_TE, routing_map_TE = compat.aux_scores_and_map(router, logits_SBE.reshape(-1, num_experts))
+    scores_TE, routing_map_TE = compat.aux_scores_and_map(router,
+                                                          logits_SBE.reshape(-1, num_experts))
     if padding_mask_SB is None:
         num_local_tokens = torch.tensor(scores_TE.shape[0], device=scores_TE.device)
     else:
@@ -78,61 +94,127 @@ def apply_scoped_lbl(
         routing_map_TE = routing_map_TE & valid_T1
         num_local_tokens = valid_T1.sum(dtype=torch.int64)
 
+    probs_sum_E = scores_TE.sum(dim=0)
+    state.microbatch_stats.append(microbatch_stats(routing_map_TE, probs_sum_E, num_local_tokens))
     local_group = compat.tp_cp_group(router)
     if settings.scope == "seq":
-        loss = _sequence_loss(router, state, scores_TE, routing_map_TE, num_local_tokens,
-                              seq_length, bsz, local_group)
+        probs_sum, weights = _sequence_weights(router, state, settings, scores_TE, routing_map_TE,
+                                               num_local_tokens, seq_length, bsz, local_group)
     else:
+        probs_sum = probs_sum_E
         group = local_group if settings.scope == "micro" else sync_group
-        replicas = _size(group) // _size(local_group)
-        tokens_per_expert_E, num_tokens = _synced_counts(routing_map_TE, num_local_tokens, group)
-        num_tokens_for_f = num_tokens
+        weights = _batch_weights(router, state, settings, _count(routing_map_TE, num_local_tokens),
+                                 group, replicas=_size(group) // _size(local_group), bsz=bsz)
+
+    micro_weights = None
+    if settings.micro_coeff:
+        micro_counts = PendingSum(_count(routing_map_TE, num_local_tokens), local_group,
+                                  settings.blocking_sync)
+
+        def micro_weights():
+            counts = micro_counts.wait()
+            return load_balancing_weights(counts[:-1], counts[-1], counts[-1], router.topk,
+                                          num_experts, settings.micro_coeff)
+
+    def backward_weights() -> torch.Tensor:
+        weights_X = weights()
+        # Logged like upstream (loss / coeff); the micro term's value is metrics' micro_batch_lbl.
+        compat.log_to_tracker(router, compat.tracker_name(state.lbl_type),
+                              (weights_X * probs_sum.detach().double()).sum() / state.coeff,
+                              local_group)
+        if micro_weights is not None:
+            weights_X = weights_X + micro_weights()
+        scale = compat.aux_loss_backward_scale(router, num_local_tokens)
+        return (weights_X * scale).to(probs_sum.dtype)
+
+    return _DeferredLBL.apply(probs, probs_sum, backward_weights)
+
+
+class _DeferredLBL(torch.autograd.Function):
+    """Identity on `probs` whose backward adds the LBL gradient w to the probability sums.
+
+    Like Megatron's MoEAuxLossAutoScaler, the loss rides on the router output; unlike it, the
+    loss's gradient (and so the count all-reduce's result) is only needed in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, probs, probs_sum, backward_weights):
+        ctx.backward_weights = backward_weights
+        return probs
+
+    @staticmethod
+    def backward(ctx, grad_probs):
+        return grad_probs, ctx.backward_weights(), None
+
+
+def _batch_weights(router, state, settings, counts, group, replicas: int, bsz: int):
+    """w for scopes micro/dp/global: issue the count sum over `group`, return w's thunk."""
+    num_experts = counts.shape[0] - 1
+    synced = PendingSum(counts, group, settings.blocking_sync)
+    if settings.scope == "global":
+        k = state.buffer.add(synced)
+        counts_for_f = functools.partial(state.buffer.prefix, k)
+        microbatches = k + 1
+    else:
+        def counts_for_f():
+            counts = synced.wait()
+            return counts[:-1], counts[-1]
+
         microbatches = 1
-        if settings.scope == "global":
-            tokens_per_expert_E, num_tokens_for_f = state.buffer.add(tokens_per_expert_E, num_tokens)
-            microbatches = state.buffer.num_microbatches
-        loss = load_balancing_loss(
-            scores_TE.sum(dim=0), tokens_per_expert_E, num_tokens_for_f, num_tokens / replicas,
-            router.topk, num_experts, state.coeff,
-        )
-        state.balance_tokens = num_tokens_for_f
-        state.balance_sequences = bsz * replicas * microbatches
+    state.balance_tokens = lambda: counts_for_f()[1]
+    state.balance_sequences = bsz * replicas * microbatches
 
-    return compat.attach_and_log(
-        router, probs, loss, state.coeff, compat.tracker_name(state.lbl_type), local_group,
-        num_local_tokens,
-    )
+    def weights():
+        tokens_per_expert_E, num_tokens_for_f = counts_for_f()
+        return load_balancing_weights(tokens_per_expert_E, num_tokens_for_f,
+                                      synced.wait()[-1] / replicas, router.topk, num_experts,
+                                      state.coeff)
+
+    return weights
 
 
-def _sequence_loss(router, state, scores_TE, routing_map_TE, num_local_tokens, seq_length, bsz,
-                   local_group) -> torch.Tensor:
-    """Mean over the B sequences of each sequence's LBL (Megatron's seq_aux_loss).
+def _sequence_weights(router, state, settings, scores_TE, routing_map_TE, num_local_tokens,
+                      seq_length, bsz, local_group):
+    """(s, w thunk) for the mean over the B sequences of each sequence's LBL (seq_aux_loss).
 
     Tokens are ordered [S, B], so viewing [S, B*E] puts sequence b's experts at b*E..b*E+E-1
     and one LBL over that B*E axis is the sum of the B per-sequence LBLs. Like upstream, every
     sequence is normalised by the mean valid-token count per sequence over TP x CP.
     """
     num_experts = scores_TE.shape[-1]
-    tokens_per_expert_BE, num_tokens = _synced_counts(
-        routing_map_TE.reshape(seq_length, bsz * num_experts), num_local_tokens, local_group)
-    tokens_per_seq = num_tokens / bsz
-    state.balance_tokens = tokens_per_seq
+    synced = PendingSum(
+        _count(routing_map_TE.reshape(seq_length, bsz * num_experts), num_local_tokens),
+        local_group, settings.blocking_sync)
+    state.balance_tokens = lambda: synced.wait()[-1] / bsz
     state.balance_sequences = 1
-    loss = load_balancing_loss(
-        scores_TE.reshape(seq_length, bsz * num_experts).sum(dim=0), tokens_per_expert_BE,
-        tokens_per_seq, tokens_per_seq, router.topk, num_experts, state.coeff,
-    )
-    return loss / bsz
+
+    def weights():
+        counts = synced.wait()
+        tokens_per_seq = counts[-1] / bsz
+        return load_balancing_weights(counts[:-1], tokens_per_seq, tokens_per_seq, router.topk,
+                                      num_experts, state.coeff) / bsz
+
+    return scores_TE.reshape(seq_length, bsz * num_experts).sum(dim=0), weights
 
 
-def _synced_counts(routing_map_TE, num_local_tokens, group):
-    """Per-expert choice counts and valid tokens summed over `group`, in one int64 collective.
+def microbatch_stats(routing_map_TE, probs_sum_E, num_local_tokens) -> torch.Tensor:
+    """[c_1..c_E, s_1..s_E, T] of this rank's valid tokens, float64 [2E+1], no gradient.
+
+    float64 holds the integer counts exactly (below 2^53), so one tensor carries all three.
+    """
+    return torch.cat([
+        routing_map_TE.sum(dim=0, dtype=torch.float64),
+        probs_sum_E.detach().double(),
+        num_local_tokens.double().view(1),
+    ])
+
+
+def _count(routing_map_TX, num_local_tokens) -> torch.Tensor:
+    """[choices per column (X), valid tokens] as one int64 vector: one collective for both.
 
     int64 keeps the sum exact on every backend and at any scale (no float count ever exists).
     """
-    synced = comm.all_reduce_sum(
-        torch.cat([routing_map_TE.sum(dim=0, dtype=torch.int64), num_local_tokens.view(1)]), group)
-    return synced[:-1], synced[-1]
+    return torch.cat([routing_map_TX.sum(dim=0, dtype=torch.int64), num_local_tokens.view(1)])
 
 
 def _size(group) -> int:

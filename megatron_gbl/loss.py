@@ -30,19 +30,45 @@ def load_balancing_loss(
 
     Args:
         probs_sum_E: s_i = Σ_x p(x, i) over this rank's valid tokens, float, shape [..., E].
-        tokens_per_expert_E: c_i, int64 counts f is taken over, same shape as probs_sum_E.
-        num_tokens_for_f: T_f, the number of tokens c was counted over (int64 scalar tensor).
-        num_tokens_for_p: T_p, the number of tokens P is a mean over (scalar tensor).
+        tokens_per_expert_E, num_tokens_for_f, num_tokens_for_p, topk, num_experts, coeff:
+            as in `load_balancing_weights`.
+    Returns:
+        Loss of shape [...] (a scalar for [E] inputs) in probs_sum_E's dtype. An empty token set
+        contributes 0, not NaN.
+    """
+    weights_E = load_balancing_weights(tokens_per_expert_E, num_tokens_for_f, num_tokens_for_p,
+                                       topk, num_experts, coeff)
+    return (weights_E.to(probs_sum_E.dtype) * probs_sum_E).sum(dim=-1)
+
+
+def load_balancing_weights(
+    tokens_per_expert_E: torch.Tensor,
+    num_tokens_for_f: torch.Tensor,
+    num_tokens_for_p: torch.Tensor,
+    topk: int,
+    num_experts: int,
+    coeff: float,
+) -> torch.Tensor:
+    """w_i = coeff * N_E * f_i / T_p, so that coeff * LBL = Σ_i w_i * s_i (eq. 2).
+
+    The loss is linear in the probability sums s, and w is its gradient: once the counts c
+    are known, forward value and backward need nothing else.
+
+    Args:
+        tokens_per_expert_E: c_i, counts f is taken over (int64, or float64 holding integers),
+            shape [..., E].
+        num_tokens_for_f: T_f, the number of tokens c was counted over: a tensor of shape []
+            or [..., 1] (one per leading index).
+        num_tokens_for_p: T_p, the number of tokens P is a mean over, shaped like T_f.
         topk: K, expert choices per token.
         num_experts: N_E (the trailing axis may be longer, e.g. B*E for the per-sequence loss).
         coeff: the loss weight (Megatron's moe_aux_loss_coeff).
     Returns:
-        Scalar loss in probs_sum_E's dtype. An empty token set contributes 0, not NaN.
+        float64 [..., E]; 0 where a token count is 0.
     """
-    # Divide in float64 so counts above 2^24 stay exact until the final cast.
+    # float64 keeps counts above 2^24 exact until the caller's final cast.
     f_E = tokens_per_expert_E.double() / (topk * _nonzero(num_tokens_for_f.double()))
-    p_E = probs_sum_E / _nonzero(num_tokens_for_p.to(probs_sum_E.dtype))
-    return (f_E.to(probs_sum_E.dtype) * p_E).sum() * (num_experts * coeff)
+    return f_E * (num_experts * coeff) / _nonzero(torch.as_tensor(num_tokens_for_p).double())
 
 
 def _nonzero(num_tokens: torch.Tensor) -> torch.Tensor:

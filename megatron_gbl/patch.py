@@ -20,7 +20,7 @@ import torch
 from megatron.core.pipeline_parallel import schedules
 from megatron.core.transformer.moe.router import TopKRouter
 
-from megatron_gbl import comm, compat
+from megatron_gbl import comm, compat, metrics
 from megatron_gbl.config import Settings, check_sync_group_size, router_lbl
 from megatron_gbl.lbl import BalanceBSZ, RouterState, apply_scoped_lbl
 
@@ -35,17 +35,20 @@ _SYNC_BLOCK_GROUPS: dict[int, object] = {}  # sync_group_size -> this rank's blo
 Model = Union[torch.nn.Module, Iterable[torch.nn.Module]]
 
 
-def enable(scope: str, *, sync_group_size: Optional[int] = None, model: Optional[Model] = None):
+def enable(scope: str, *, sync_group_size: Optional[int] = None, micro_coeff: float = 0.0,
+           blocking_sync: bool = False, model: Optional[Model] = None):
     """Make every Megatron-Core TopKRouter compute its load-balancing loss at `scope`.
 
     Works before or after the model is built, with the model's own moe_aux_loss_coeff.
     Passing `model` checks it now (MoE layers present, LBL configured) instead of at the
     first training step. With `sync_group_size`, call it on every rank after
     `initialize_model_parallel` (building the balance blocks is a collective).
+    `micro_coeff` adds that weight of micro-batch LBL beside a dp/global one (paper Tab. 5).
+    The count all-reduce overlaps the forward pass unless `blocking_sync` (see Settings).
     Calling it again replaces the settings; the patches are installed once.
     """
     global _SETTINGS
-    settings = Settings(scope, sync_group_size)
+    settings = Settings(scope, sync_group_size, micro_coeff, blocking_sync)
     was_enabled = is_enabled()
     try:
         if settings.sync_group_size is not None and compat.model_parallel_ready():
@@ -58,8 +61,8 @@ def enable(scope: str, *, sync_group_size: Optional[int] = None, model: Optional
         raise
     _SETTINGS = settings
     _install()
-    logger.info("megatron_gbl: load-balancing loss scope=%s sync_group_size=%s",
-                settings.scope, settings.sync_group_size)
+    logger.info("megatron_gbl: load-balancing loss scope=%s sync_group_size=%s micro_coeff=%s",
+                settings.scope, settings.sync_group_size, settings.micro_coeff)
 
 
 def disable() -> None:
@@ -101,7 +104,23 @@ def start_step(model: Model, num_microbatches: Optional[int] = None) -> None:
     if _SETTINGS.sync_group_size is not None:
         _sync_block_group(_SETTINGS.sync_group_size, build=True)
     for router in _routers_of(model):
-        router._megatron_gbl.buffer.reset(num_microbatches)
+        router._megatron_gbl.start_step(num_microbatches)
+
+
+def routers(model: Optional[Model] = None) -> list[TopKRouter]:
+    """The TopKRouters of `model`, or every router the plugin has seen in training."""
+    if model is not None:
+        return _routers_of(model)
+    return sorted(_ROUTERS, key=lambda router: router.layer_number)
+
+
+def step_metrics(model: Optional[Model] = None) -> Optional[metrics.StepMetrics]:
+    """Micro- and global-batch LBL, load violation and Balance BSZ of the last training step.
+
+    No gradient; one collective over TP x CP and one over TP x DP x CP for all layers, so call
+    it on every rank after the step (Megatron-LM's logging does, via megatron_gbl.launch).
+    """
+    return metrics.step_metrics(routers(model))
 
 
 def balance_bsz(model: Model) -> dict[int, BalanceBSZ]:
@@ -179,18 +198,19 @@ def _schedule(original, *args, **kwargs):
 
 
 def _install() -> None:
-    if _ORIGINALS:
-        return
     switch_name, switch = compat.upstream_lbl_switch()
-    _replace(TopKRouter, "routing", lambda original: functools.wraps(original)(
+    replace(TopKRouter, "routing", lambda original: functools.wraps(original)(
         lambda self, logits, *a, **k: _routing(original, self, logits, *a, **k)))
-    _replace(TopKRouter, switch_name, lambda original: switch)
+    replace(TopKRouter, switch_name, lambda original: switch)
     for name in compat.SCHEDULE_FUNCTIONS:
-        _replace(schedules, name, lambda original: functools.wraps(original)(
+        replace(schedules, name, lambda original: functools.wraps(original)(
             lambda *a, **k: _schedule(original, *a, **k)))
 
 
-def _replace(owner, name: str, make_replacement) -> None:
+def replace(owner, name: str, make_replacement) -> None:
+    """Set owner.name = make_replacement(original) once; disable() puts the original back."""
+    if (owner, name) in _ORIGINALS:
+        return
     original = getattr(owner, name)
     replacement = make_replacement(original)
     replacement.__wrapped__ = original

@@ -75,6 +75,19 @@ def sequence_lbl(weight_EH, hidden_SBH, topk: int, coeff: float) -> torch.Tensor
     return torch.stack(per_sequence).mean()
 
 
+def batch_statistics(weight_EH, hidden: Sequence[torch.Tensor], topk: int):
+    """LBL value, load violation and expert counts of one token set (all of `hidden` pooled).
+
+    load violation = max_i c_i / mean_i c_i - 1.
+    """
+    x_NH = torch.cat([_valid_tokens(h, None) for h in hidden])
+    probs_NE, chosen_NE = _route(x_NH, weight_EH, topk)
+    counts_E = chosen_NE.sum(0)
+    f_E = counts_E / (topk * x_NH.shape[0])
+    lbl = weight_EH.shape[0] * (f_E * probs_NE.mean(0)).sum()
+    return float(lbl), float(counts_E.max() / counts_E.mean() - 1), counts_E
+
+
 def grad_of(loss_fn, weight_EH: torch.Tensor) -> torch.Tensor:
     weight = weight_EH.detach().double().requires_grad_()
     loss_fn(weight).backward()

@@ -42,9 +42,12 @@ def test_enabled_context_manager_disables_on_error():
 
 
 @pytest.mark.parametrize("kwargs, words", [
-    (dict(scope="batch"), ["scope='batch'", "micro, seq, dp, global"]),
-    (dict(scope="micro", sync_group_size=8), ["sync_group_size=8", "'dp' or 'global'"]),
+    (dict(scope="batch"), ["scope (--moe-lbl-scope) 'batch'", "micro, seq, dp, global"]),
+    (dict(scope="micro", sync_group_size=8), ["sync_group_size", "8", "'dp' or 'global'"]),
     (dict(scope="dp", sync_group_size=0), ["sync_group_size", "positive"]),
+    (dict(scope="seq", micro_coeff=1e-4), ["micro_coeff", "'dp' or 'global'"]),
+    (dict(scope="global", micro_coeff=-1.0), ["micro_coeff", ">= 0"]),
+    (dict(scope="global", micro_coeff="1e-4"), ["micro_coeff", "number"]),
 ])
 def test_bad_settings_fail_at_enable(kwargs, words):
     with pytest.raises(ValueError) as info:
@@ -80,7 +83,7 @@ def test_router_config_takes_the_users_type_and_coefficient():
 def test_errors_in_a_real_data_parallel_run():
     messages = run_gloo(workers.bad_input_messages, 4)[0]
     expected = {
-        "sync_group_size=3 at DP=4": ["sync_group_size=3", "data-parallel size 4"],
+        "sync_group_size=3 at DP=4": ["sync_group_size", "3 must divide the data-parallel size 4"],
         "dense model": ["no MoE layer", "num_moe_experts"],
         "sinkhorn": ["moe_router_load_balancing_type='sinkhorn'"],
         "none": ["moe_router_load_balancing_type='none'"],

@@ -13,7 +13,7 @@ import torch
 import reference
 import workers
 from megatron.core.transformer.moe.router import TopKRouter
-from megatron_gbl import compat
+from megatron_gbl import compat, metrics
 from megatron_gbl.harness import run_gloo
 
 TOPK, COEFF, HIDDEN = 2, 1e-2, 32
@@ -142,3 +142,54 @@ def test_sync_group_size_blocks_at_dp4():
     assert rel_err(blocked["grad"], not_expected) > 1e-3  # blocks really are smaller
     assert blocked["seen"][-1]["balance"].sequences == 2 * 2 * workers.MICRO_BSZ
     assert rel_err(whole["grad"], global_reference(whole, 4, 1, False, 31, buffered=False)) <= 1e-5
+
+
+def test_micro_coeff_adds_the_micro_batch_lbl():
+    micro_coeff = 3e-3
+    results = run_gloo(workers.router_runs, 2,
+                       [spec("global", 2, seed=40, micro_coeff=micro_coeff)])
+    ours = results[0][0]
+    hidden, _ = workers.make_hidden(40, 2, 2, HIDDEN, padded=False)
+    micro = reference.grad_of(lambda w: torch.stack(
+        [reference.micro_batch_lbl(w, h, TOPK, micro_coeff) for mb in hidden for h in mb]).mean(),
+        ours["weight"])
+    expected = global_reference(ours, 2, 2, False, 40, buffered=True) + micro
+    assert rel_err(ours["grad"], expected) <= 1e-5
+    assert rel_err(ours["grad"], expected - micro) > 1e-3  # the micro term is really there
+
+
+def test_step_metrics_match_reference():
+    world_size, microbatches = 2, 3
+    per_rank = run_gloo(workers.router_runs, world_size, [spec("global", microbatches, seed=50)])
+    hidden, _ = workers.make_hidden(50, microbatches, world_size, HIDDEN, padded=False)
+    weight = per_rank[0][0]["weight"]
+    lbl, violation, counts = reference.batch_statistics(
+        weight, [h for mb in hidden for h in mb], TOPK)
+    for rank, (result,) in enumerate(per_rank):
+        values = result["metrics"]
+        micro = [reference.batch_statistics(weight, [mb[rank]], TOPK) for mb in hidden]
+        assert float(values[metrics.MICRO_LBL][0]) == pytest.approx(
+            sum(m[0] for m in micro) / microbatches, rel=1e-6)
+        assert float(values[metrics.MICRO_LOAD_VIOLATION][0]) == pytest.approx(
+            sum(m[1] for m in micro) / microbatches, rel=1e-6)
+        assert float(values[metrics.GLOBAL_LBL][0]) == pytest.approx(lbl, rel=1e-6)
+        assert float(values[metrics.GLOBAL_LOAD_VIOLATION][0]) == pytest.approx(violation, rel=1e-6)
+        assert float(values[metrics.BALANCE_BSZ][0]) == microbatches * world_size * \
+            workers.SEQ * workers.MICRO_BSZ
+        assert torch.equal(result["global_tokens_per_expert"][0], counts.long())
+
+
+def test_async_sync_has_no_forward_barrier(tmp_path):
+    # A blocking count all-reduce would make rank 0 wait for rank 1 inside the forward.
+    assert run_gloo(workers.forward_before_peer, 2, str(tmp_path / "flag"), False) == ["done"] * 2
+    with pytest.raises(RuntimeError, match="waited for rank 1"):
+        run_gloo(workers.forward_before_peer, 2, str(tmp_path / "flag_blocking"), True)
+
+
+def test_blocking_and_async_sync_give_identical_results():
+    specs = [spec("global", 3, seed=60, blocking_sync=blocking, steps=2)
+             for blocking in (False, True)]
+    overlapped, blocking = run_gloo(workers.router_runs, 2, specs)[0]
+    torch.testing.assert_close(overlapped["grad"], blocking["grad"], rtol=0, atol=0)
+    for name, values in blocking["logged"].items():
+        torch.testing.assert_close(overlapped["logged"][name], values, rtol=0, atol=0)

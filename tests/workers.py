@@ -42,14 +42,17 @@ def router_steps(rank: int, world_size: int, spec: dict) -> dict:
     if not harness.model_parallel_initialized():
         harness.init_model_parallel()
     enable_first = spec.get("enable_before_build", False)
+    settings = dict(sync_group_size=spec.get("sync_group_size"),
+                    micro_coeff=spec.get("micro_coeff", 0.0),
+                    blocking_sync=spec.get("blocking_sync", False))
     if spec["scope"] is not None and enable_first:
-        megatron_gbl.enable(spec["scope"], sync_group_size=spec.get("sync_group_size"))
+        megatron_gbl.enable(spec["scope"], **settings)
     config = harness.moe_config(moe_router_load_balancing_type=spec["lbl_type"],
                                 moe_aux_loss_coeff=spec["coeff"])
     model = harness.build_gpt_moe(config)
     router = harness.routers_of(model)[0]
     if spec["scope"] is not None and not enable_first:
-        megatron_gbl.enable(spec["scope"], sync_group_size=spec.get("sync_group_size"))
+        megatron_gbl.enable(spec["scope"], **settings)
     tracker = compat.aux_losses_tracker()
     tracker.clear()
     microbatches = spec["microbatches"]
@@ -74,9 +77,12 @@ def router_steps(rank: int, world_size: int, spec: dict) -> dict:
                              "balance": megatron_gbl.balance_bsz(model).get(router.layer_number)})
     grad = router.weight.grad.detach().clone()
     dist.all_reduce(grad, op=dist.ReduceOp.AVG)  # DDP's data-parallel gradient averaging
+    step = megatron_gbl.step_metrics(model) if spec["scope"] is not None else None
     megatron_gbl.disable()
     logged = {name: entry["values"].clone() for name, entry in tracker.items()}
-    return {"grad": grad, "weight": router.weight.detach().clone(), "seen": seen, "logged": logged}
+    return {"grad": grad, "weight": router.weight.detach().clone(), "seen": seen, "logged": logged,
+            "metrics": None if step is None else step.values,
+            "global_tokens_per_expert": None if step is None else step.global_tokens_per_expert}
 
 
 def router_runs(rank: int, world_size: int, specs: list) -> list:
@@ -141,9 +147,10 @@ def model_steps(rank: int, world_size: int, spec: dict) -> dict:
     for router in routers:
         if spec["scope"] is not None:
             buf = router._megatron_gbl.buffer
+            tokens_per_expert, num_tokens = buf.prefix(buf.num_microbatches - 1)
             buffers.append({"microbatches": buf.num_microbatches,
-                            "tokens_per_expert": buf.tokens_per_expert.clone(),
-                            "num_tokens": int(buf.num_tokens), "dtype": buf.tokens_per_expert.dtype})
+                            "tokens_per_expert": tokens_per_expert.clone(),
+                            "num_tokens": int(num_tokens), "dtype": tokens_per_expert.dtype})
         elif getattr(router, "global_tokens_per_expert", None) is not None:
             buffers.append({"microbatches": float(router.ga_steps),
                             "tokens_per_expert": router.global_tokens_per_expert.clone(),
@@ -154,6 +161,33 @@ def model_steps(rank: int, world_size: int, spec: dict) -> dict:
 
 def model_runs(rank: int, world_size: int, specs: list) -> list:
     return [model_steps(rank, world_size, spec) for spec in specs]
+
+
+def forward_before_peer(rank: int, world_size: int, flag_path: str, blocking_sync: bool) -> str:
+    """Rank 0 runs a whole GPT-MoE forward before rank 1 starts its own, then both backward.
+
+    Possible only if no router waits for the data-parallel count all-reduce in the forward.
+    """
+    import os
+    import time
+
+    harness.init_model_parallel()
+    model = harness.build_gpt_moe(harness.moe_config())
+    megatron_gbl.enable("global", blocking_sync=blocking_sync)
+    megatron_gbl.start_step(model, num_microbatches=1)
+    tokens = make_tokens(rank, 1, 1, 8, 2, 64)[0][0]
+    position_ids = torch.arange(8).unsqueeze(0).expand(2, -1)
+    if rank == 1:
+        deadline = time.monotonic() + 15
+        while not os.path.exists(flag_path):
+            if time.monotonic() > deadline:
+                raise TimeoutError("rank 0 did not finish its forward: it waited for rank 1")
+            time.sleep(0.05)
+    output = model(tokens, position_ids, None, labels=tokens)
+    if rank == 0:
+        open(flag_path, "w").close()
+    output.float().mean().backward()
+    return "done"
 
 
 def bad_input_messages(rank: int, world_size: int) -> dict:

@@ -1,0 +1,175 @@
+"""Megatron-LM integration: the --moe-lbl-* flags, their validation, and step logging.
+
+Megatron-LM's training code (`megatron.training`, not on PyPI) looks these names up at call
+time, so wrapping them needs no edit to Megatron-LM (`megatron_gbl.launch` does it):
+
+| hook                                            | releases        | what the wrapper adds       |
+|-------------------------------------------------|-----------------|-----------------------------|
+| `megatron.training.arguments._add_moe_args`     | core_v0.10-0.19 | the flags (`add_arguments`) |
+| `megatron.training.initialize.validate_args`    | core_v0.10-0.17 | `configure(args)` after it  |
+| `megatron.training.arguments.validate_args`     | core_v0.18-0.19 | (`parse_and_validate_args`) |
+| `megatron.training.training.track_moe_metrics`  | core_v0.10-0.17 | step metrics, histograms    |
+| `moe_logging.MoEMetricsTracker.report`          | core_v0.18-0.19 | same                        |
+
+A patched fork (patches/) calls `add_arguments` and `configure` natively instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib
+import inspect
+
+import torch
+
+from megatron_gbl import compat, metrics, patch
+from megatron_gbl.config import SCOPES, Settings, check_sync_group_size, router_lbl
+
+HISTOGRAM_TAG = "moe/tokens_per_expert_layer_{}"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the --moe-lbl-* flags to Megatron-LM's argument parser."""
+    group = parser.add_argument_group(title="megatron-gbl (global-batch load balancing)")
+    group.add_argument(
+        "--moe-lbl-scope", choices=SCOPES, default=None,
+        help="Token set the load-balancing loss's expert frequencies f_i are counted over: "
+             "micro (micro-batch, Megatron's aux_loss), seq (sequence), dp (micro-batch over all "
+             "data-parallel ranks), global (global batch: dp plus the gradient-accumulation "
+             "buffer). Unset: Megatron's own behaviour.")
+    group.add_argument(
+        "--moe-lbl-sync-group-size", type=int, default=None,
+        help="For dp/global: balance within blocks of this many consecutive data-parallel ranks "
+             "(must divide the data-parallel size). Unset: all data-parallel ranks.")
+    group.add_argument(
+        "--moe-lbl-micro-coeff", type=float, default=0.0,
+        help="For dp/global: add a micro-batch load-balancing loss with this coefficient beside "
+             "the scoped one (paper Tab. 5 uses 1%% of --moe-aux-loss-coeff).")
+    group.add_argument(
+        "--moe-lbl-blocking-sync", action="store_true",
+        help="Wait for the expert-count all-reduce in the router's forward (like upstream) "
+             "instead of overlapping it until the layer's backward. Same results.")
+    group.add_argument(
+        "--moe-lbl-histogram-interval", type=int, default=100,
+        help="Log a per-layer tokens-per-expert histogram to TensorBoard / W&B every N "
+             "iterations (0: never).")
+    return parser
+
+
+def configure(args: argparse.Namespace) -> None:
+    """Check the --moe-lbl-* flags against Megatron's validated args, then enable the plugin.
+
+    Runs before the model is built and before any training; a no-op without --moe-lbl-scope.
+    Raises ValueError naming the flag and the fix.
+    """
+    scope = getattr(args, "moe_lbl_scope", None)
+    if scope is None:
+        given = [flag for flag, value in (
+            ("--moe-lbl-sync-group-size", args.moe_lbl_sync_group_size),
+            ("--moe-lbl-micro-coeff", args.moe_lbl_micro_coeff or None)) if value is not None]
+        if given:
+            raise ValueError(f"megatron_gbl: {given[0]} needs --moe-lbl-scope dp or global")
+        return
+    if not getattr(args, "num_experts", None):
+        raise ValueError(
+            f"megatron_gbl: --moe-lbl-scope={scope} needs an MoE model, but --num-experts is not "
+            "set; add --num-experts (and --moe-router-topk), or drop --moe-lbl-scope")
+    if args.moe_lbl_histogram_interval < 0:
+        raise ValueError(
+            f"megatron_gbl: --moe-lbl-histogram-interval must be >= 0 (0 turns histograms off), "
+            f"got {args.moe_lbl_histogram_interval}")
+    settings = Settings(scope, args.moe_lbl_sync_group_size, args.moe_lbl_micro_coeff,
+                        args.moe_lbl_blocking_sync)
+    router_lbl(args)
+    if settings.sync_group_size is not None:
+        check_sync_group_size(settings.sync_group_size, args.data_parallel_size)
+    patch.enable(settings.scope, sync_group_size=settings.sync_group_size,
+                 micro_coeff=settings.micro_coeff, blocking_sync=settings.blocking_sync)
+    owner, name = _logging_hook()
+    patch.replace(owner, name, lambda original: functools.wraps(original)(
+        lambda *a, **k: _log_step(original, args.moe_lbl_histogram_interval, *a, **k)))
+
+
+def install() -> None:
+    """Wrap Megatron-LM's parser and validation so the flags exist and take effect."""
+    arguments = importlib.import_module("megatron.training.arguments")
+    patch.replace(arguments, "_add_moe_args", lambda original: functools.wraps(original)(
+        lambda parser: add_arguments(original(parser))))
+    initialize = importlib.import_module("megatron.training.initialize")
+    for owner in (initialize, arguments):
+        if hasattr(owner, "validate_args"):
+            patch.replace(owner, "validate_args", lambda original: functools.wraps(original)(
+                lambda args, *a, **k: _validate(original, args, *a, **k)))
+
+
+def _validate(original, args, *rest, **kwargs):
+    result = original(args, *rest, **kwargs)
+    configure(args)
+    return result
+
+
+def _logging_hook() -> tuple[object, str]:
+    training = importlib.import_module("megatron.training.training")
+    if hasattr(training, "track_moe_metrics"):
+        return training, "track_moe_metrics"
+    moe_logging = importlib.import_module("megatron.core.transformer.moe.moe_logging")
+    return moe_logging.MoEMetricsTracker, "report"
+
+
+def _log_step(original, histogram_interval: int, *args, **kwargs):
+    """Megatron-LM's per-iteration MoE logging, with this step's plugin metrics added first."""
+    bound = inspect.signature(original).bind(*args, **kwargs)
+    call = bound.arguments
+    routers = {router.layer_number: router for router in patch.routers()}
+    step = metrics.step_metrics(list(routers.values()))
+    if step is not None:
+        # The tracker multiplies everything by loss_scale (1 / micro-batches): undo it for
+        # values that are per step, not sums over micro-batches. Averaging over TP x DP x CP
+        # gives the data-parallel mean of the micro-batch values and leaves the global ones.
+        for name, values_L in step.values.items():
+            for layer_number, value in zip(step.layer_numbers, values_L):
+                router = routers[layer_number]
+                compat.log_to_tracker(router, name, value.float() / call["loss_scale"],
+                                      avg_group=compat.tp_dp_cp_group(router))
+        if call.get("track_names") is not None:
+            call["track_names"] = list(call["track_names"]) + list(metrics.NAMES)
+        iteration = call["iteration"]
+        if histogram_interval and iteration % histogram_interval == 0:
+            _log_histograms(step, routers, iteration, call.get("writer"), call.get("wandb_writer"))
+    return original(*bound.args, **bound.kwargs)
+
+
+def _log_histograms(step: metrics.StepMetrics, routers: dict, iteration: int, writer,
+                    wandb_writer) -> None:
+    """Tokens per expert of every layer as a histogram with one bucket per expert.
+
+    Every pipeline stage contributes its own layers (a sum over the pipeline group, as
+    Megatron does for its scalars); the last rank holds the writers.
+    """
+    config = next(iter(routers.values())).config
+    num_experts = step.global_tokens_per_expert.shape[-1]
+    counts_NE = torch.zeros(compat.tracker_num_layers(config), num_experts, dtype=torch.int64,
+                            device=step.global_tokens_per_expert.device)
+    counts_NE[[n - 1 for n in step.layer_numbers]] = step.global_tokens_per_expert
+    torch.distributed.all_reduce(counts_NE, group=compat.pipeline_group())
+    if writer is None and wandb_writer is None:
+        return
+    experts_E = torch.arange(num_experts, dtype=torch.float64)
+    for layer, counts_E in enumerate(counts_NE.double().cpu()):
+        if counts_E.sum() == 0:
+            continue  # a dense layer
+        tag = HISTOGRAM_TAG.format(layer)
+        if writer is not None:
+            writer.add_histogram_raw(
+                tag, min=0, max=num_experts - 1, num=int(counts_E.sum()),
+                sum=float((experts_E * counts_E).sum()),
+                sum_squares=float((experts_E ** 2 * counts_E).sum()),
+                bucket_limits=(experts_E + 0.5).tolist(), bucket_counts=counts_E.tolist(),
+                global_step=iteration)
+        if wandb_writer is not None:
+            import wandb
+
+            edges = torch.arange(num_experts + 1, dtype=torch.float64) - 0.5
+            wandb_writer.log(
+                {tag: wandb.Histogram(np_histogram=(counts_E.numpy(), edges.numpy()))}, iteration)

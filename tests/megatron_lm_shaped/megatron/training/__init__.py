@@ -1,0 +1,3 @@
+"""Stand-in for Megatron-LM's megatron.training, with its hook points at the same names."""
+
+from megatron.training.training import pretrain  # noqa: F401
