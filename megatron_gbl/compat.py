@@ -130,9 +130,9 @@ def log_to_tracker(router, name: str, value: torch.Tensor, reduce_group=None,
                    avg_group=None) -> None:
     """Add a router's per-layer value to Megatron's aux-loss tracker under `name`.
 
-    Megatron's tracker reduction (0.12-0.16) sums it over the pipeline stages, then either sums
-    it over `reduce_group` and averages it over data parallel, or averages it over `avg_group`;
-    reports show the mean over MoE layers.
+    Megatron's tracker reduction sums it over the pipeline stages and `reduce_group`, then
+    averages it over `avg_group`; on top, 0.14-0.15 always and 0.16 after a `reduce_group`
+    average over data parallel (0.12-0.13 never do). Reports show the mean over MoE layers.
     """
     moe_utils.save_to_aux_losses_tracker(
         name, value.detach(), router.layer_number, tracker_num_layers(router.config),

@@ -118,10 +118,13 @@ def apply_scoped_lbl(
 
     def backward_weights() -> torch.Tensor:
         weights_X = weights()
-        # Logged like upstream (loss / coeff); the micro term's value is metrics' micro_batch_lbl.
+        # Logged like upstream (loss / coeff, summed over TP x CP), and averaged over data
+        # parallel on every version (0.12-0.13 trackers log one rank's value otherwise). The
+        # micro term's value is logged once per step as metrics' micro_batch_lbl.
         compat.log_to_tracker(router, compat.tracker_name(state.lbl_type),
                               (weights_X * probs_sum.detach().double()).sum() / state.coeff,
-                              local_group)
+                              reduce_group=local_group,
+                              avg_group=compat.tp_dp_cp_group(router))
         if micro_weights is not None:
             weights_X = weights_X + micro_weights()
         scale = compat.aux_loss_backward_scale(router, num_local_tokens)
