@@ -88,6 +88,9 @@ def aux_scores_and_map(
         )
         return scores_TE, routing_map_TE.bool()
     scores_TE = router.compute_routing_scores_for_aux_loss(logits_TE)  # 0.12-0.13
+    if isinstance(scores_TE, tuple):  # 0.13 returns (scores, plain top-k map)
+        scores_TE, routing_map_TE = scores_TE
+        return scores_TE, routing_map_TE.bool()
     top_indices_TK = torch.topk(scores_TE, k=router.topk, dim=1).indices
     routing_map_TE = torch.zeros_like(scores_TE, dtype=torch.bool).scatter(1, top_indices_TK, True)
     return scores_TE, routing_map_TE

@@ -70,8 +70,42 @@ def install_cpu_shims() -> None:
         _set(torch, name, _on_cpu(getattr(torch, name)))
 
 
+class _NoStream:
+    """Stand-in for a CUDA stream or event: on CPU all work runs in order, nothing to wait for."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __getattr__(self, name):  # wait_stream, wait_event, record, synchronize, ...
+        return lambda *args, **kwargs: None
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, other):
+        return 0.0
+
+
+def install_cuda_runtime_shims() -> None:
+    """`install_cpu_shims` plus the CUDA runtime calls of a whole training loop (Megatron-LM's
+    `megatron.training`): one device, its RNG state, streams and events (idempotent)."""
+    install_cpu_shims()
+    if torch.cuda.Stream is _NoStream:
+        return
+    _set(torch.cuda, "device_count", lambda: 1)  # Megatron-LM builds model parallel only if > 0
+    _set(torch.cuda, "set_device", lambda *a, **k: None)
+    _set(torch.nn.Module, "cuda", lambda self, *a, **k: self)
+    _set(torch.cuda, "get_rng_state", lambda *a, **k: torch.empty(0, dtype=torch.uint8))
+    _set(torch.cuda, "set_rng_state", lambda *a, **k: None)
+    _set(torch.cuda, "manual_seed", lambda *a, **k: None)
+    _set(torch.cuda, "Stream", _NoStream)
+    _set(torch.cuda, "Event", _NoStream)
+    _set(torch.cuda, "current_stream", lambda *a, **k: _NoStream())
+    _set(torch.cuda, "stream", lambda *a, **k: contextlib.nullcontext())
+
+
 def uninstall_cpu_shims() -> None:
-    """Restore everything `install_cpu_shims` changed."""
+    """Restore everything `install_cpu_shims` (and `install_cuda_runtime_shims`) changed."""
     while _SHIMS:
         owner, name, value = _SHIMS.pop()
         setattr(owner, name, value)

@@ -87,7 +87,9 @@ def apply_scoped_lbl(
     scores_TE, routing_map_TE = compat.aux_scores_and_map(router,
                                                           logits_SBE.reshape(-1, num_experts))
     if padding_mask_SB is None:
-        num_local_tokens = torch.tensor(scores_TE.shape[0], device=scores_TE.device)
+        # torch.full, not torch.tensor: no host-to-device copy (a sync on CUDA) per call.
+        num_local_tokens = torch.full((), scores_TE.shape[0], dtype=torch.int64,
+                                      device=scores_TE.device)
     else:
         valid_T1 = ~padding_mask_SB.reshape(-1, 1)
         scores_TE = scores_TE * valid_T1

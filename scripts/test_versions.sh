@@ -3,6 +3,7 @@
 #   scripts/test_versions.sh                 # 0.12.3 0.14.0 0.16.1
 #   scripts/test_versions.sh 0.14.0          # just one
 # Venvs live in .venvs/mcore-<version> and are reused; torch is the CPU build 2.13.0.
+# TESTS="tests/a.py tests/b.py" runs a subset.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 versions=("$@")
@@ -19,7 +20,8 @@ for version in "${versions[@]}"; do
     "${venv}/bin/pip" install -q torch==2.13.0
   fi
   "${venv}/bin/pip" install -q "megatron-core==${version}" -e ".[test]"
-  if "${venv}/bin/python" -m pytest -q tests; then
+  # shellcheck disable=SC2086  # TESTS is a list of paths
+  if "${venv}/bin/python" -m pytest -q ${TESTS:-tests}; then
     summary+=("megatron-core ${version}: passed")
   else
     summary+=("megatron-core ${version}: FAILED")

@@ -1,0 +1,157 @@
+"""`megatron-gbl demo` and `megatron-gbl analyze` (console script megatron_gbl.cli:main).
+
+Every argument is checked, and every data file read, before a process starts; a bad one ends
+the command with exit status 2 and a message that names the flag and the fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from typing import Optional, Sequence
+
+BUILTIN_DOMAINS = 4
+BUILTIN_TRAIN_DOCS = 1000   # per domain, about 250 KB of text each
+BUILTIN_VALID_DOCS = 100
+BUILTIN_CORPUS_SEED = 0     # fixed: --seed changes initial weights and data order, not the text
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    # Megatron-Core warns about optional GPU packages (Transformer Engine, Apex) on import, here
+    # and in every spawned rank (those read PYTHONWARNINGS; a user's own setting wins).
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning")
+    args = _parser().parse_args(argv)
+    try:
+        return args.command(args)
+    except ValueError as error:
+        args.subparser.error(str(error))
+
+
+def _parser() -> argparse.ArgumentParser:
+    from megatron_gbl.demo import DemoSettings
+
+    defaults = DemoSettings()
+    parser = argparse.ArgumentParser(
+        prog="megatron-gbl",
+        description="Global-batch load balancing for Megatron-Core MoE (Qiu et al. 2025).")
+    commands = parser.add_subparsers(required=True, metavar="{demo,analyze}")
+
+    demo = commands.add_parser(
+        "demo", help="train a tiny GPT-MoE per load-balancing scope on CPU and compare them",
+        description="Train a tiny Megatron-Core GPT-MoE on CPU (gloo data-parallel ranks, "
+                    "gradient accumulation) once per scope, from the same initial weights and "
+                    "data order, with single-domain micro-batches; print held-out loss and "
+                    "expert specialisation per scope.")
+    demo.add_argument("--scopes", default="micro,global",
+                      help="comma-separated: micro, seq, dp, global, dp:N, global:N (N ranks per "
+                           "balance block), e.g. micro,dp:2,dp,global (default: %(default)s)")
+    demo.add_argument("--steps", type=int, default=defaults.steps, help="(default: %(default)s)")
+    demo.add_argument("--ranks", type=int, default=defaults.ranks,
+                      help="data-parallel gloo processes, at least 4 (default: %(default)s)")
+    demo.add_argument("--seed", type=int, default=defaults.seed,
+                      help="initial weights and data order (default: %(default)s)")
+    demo.add_argument("--microbatches", type=int, default=defaults.microbatches,
+                      help="micro-batches per rank per step (default: %(default)s)")
+    demo.add_argument("--micro-batch-size", type=int, default=defaults.micro_batch_size,
+                      help="sequences per micro-batch (default: %(default)s)")
+    demo.add_argument("--seq-length", type=int, default=defaults.seq_length,
+                      help="bytes per sequence (default: %(default)s)")
+    demo.add_argument("--eval-sequences", type=int, default=defaults.eval_sequences,
+                      help="held-out sequences per domain (default: %(default)s)")
+    demo.add_argument("--train-data", help="JSONL with a text and a domain field per line "
+                                           "(default: the built-in synthetic corpus)")
+    demo.add_argument("--valid-data", help="held-out JSONL, same domains as --train-data")
+    demo.add_argument("--domain-key", default="domain",
+                      help="name of the domain field in the JSONL (default: %(default)s)")
+    demo.add_argument("--out", default=os.path.join("out", "demo"),
+                      help="output directory (default: %(default)s)")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    demo.set_defaults(command=_demo, subparser=demo)
+
+    analyze = commands.add_parser(
+        "analyze", help="expert selection per domain of a model saved by the demo",
+        description="Per-layer, per-domain expert selection frequencies (paper Fig. 1b), top-K "
+                    "score sums (Fig. 4a) and high-frequency expert overlap (Fig. 4b) of a "
+                    "saved demo model on domain-labelled JSONL.")
+    analyze.add_argument("--model", required=True,
+                         help="a scope directory written by the demo, e.g. out/demo/global")
+    analyze.add_argument("--data", required=True, help="JSONL with a text and a domain field")
+    analyze.add_argument("--domain-key", default="domain",
+                         help="name of the domain field (default: %(default)s)")
+    analyze.add_argument("--max-sequences", type=int, default=defaults.eval_sequences,
+                         help="sequences per domain (default: %(default)s)")
+    analyze.add_argument("--micro-batch-size", type=int,
+                         help="sequences per forward call (default: the model's training value)")
+    analyze.add_argument("--out", help="output directory (default: MODEL/analysis)")
+    analyze.set_defaults(command=_analyze, subparser=analyze)
+    return parser
+
+
+def _demo(args) -> int:
+    from megatron_gbl import corpus, demo
+
+    settings = demo.DemoSettings(
+        steps=args.steps, ranks=args.ranks, seed=args.seed, microbatches=args.microbatches,
+        micro_batch_size=args.micro_batch_size, seq_length=args.seq_length,
+        eval_sequences=args.eval_sequences)
+    demo.check_settings(settings)
+    scopes = demo.parse_scopes(args.scopes, settings.ranks)
+    if (args.train_data is None) != (args.valid_data is None):
+        raise ValueError("--train-data and --valid-data go together; pass both, or neither for "
+                         "the built-in corpus")
+    if args.train_data is None:
+        train = corpus.synthetic_records(BUILTIN_DOMAINS, BUILTIN_TRAIN_DOCS, BUILTIN_CORPUS_SEED,
+                                         "train")
+        valid = corpus.synthetic_records(BUILTIN_DOMAINS, BUILTIN_VALID_DOCS, BUILTIN_CORPUS_SEED,
+                                         "valid")
+        os.makedirs(args.out, exist_ok=True)
+        # Written out so that `analyze` (and a re-run with --train-data) can use the same text.
+        corpus.write_jsonl(os.path.join(args.out, "train.jsonl"), train)
+        corpus.write_jsonl(os.path.join(args.out, "valid.jsonl"), valid)
+    else:
+        train = corpus.read_jsonl(args.train_data, args.domain_key, "--train-data")
+        valid = corpus.read_jsonl(args.valid_data, args.domain_key, "--valid-data")
+    data = corpus.build_corpus(train, valid, settings.seq_length + 1)
+    print(f"megatron-gbl demo: {len(scopes)} scope(s) x {settings.steps} steps, {settings.ranks} "
+          f"gloo ranks x {settings.microbatches} micro-batches x {settings.micro_batch_size} "
+          f"sequences of {settings.seq_length} bytes, domains: {', '.join(data.domains)}",
+          file=sys.stderr)
+    results = demo.run_demo(settings, scopes, data, args.out, progress=not args.no_progress)
+    print(demo.format_table(results))
+    print(f"\n{results['wall_seconds']:.0f} s. Results: {os.path.join(args.out, 'results.json')}; "
+          f"figures: {', '.join(results['files'].values())}; models: "
+          f"{', '.join(run['model_dir'] for run in results['scopes'].values())}")
+    return 0
+
+
+def _analyze(args) -> int:
+    from megatron_gbl import corpus, demo
+
+    if args.max_sequences < 1:
+        raise ValueError(f"--max-sequences {args.max_sequences}: must be at least 1")
+    if args.micro_batch_size is not None and args.micro_batch_size < 1:
+        raise ValueError(f"--micro-batch-size {args.micro_batch_size}: must be at least 1")
+    demo.checkpoint_path(args.model)  # a wrong --model fails before the data is read
+    records = corpus.read_jsonl(args.data, args.domain_key, "--data")
+    out = args.out or os.path.join(args.model, "analysis")
+    result = demo.analyze_model(args.model, records, out, args.max_sequences,
+                                args.micro_batch_size)
+    routing = result["routing"]
+    print(f"{args.model} ({result['scope']}) on {args.data}, uniform frequency "
+          f"{routing['uniform_frequency']:.3g}, uniform top-K score sum "
+          f"{routing['uniform_topk_score_sum']:.3g}")
+    for layer, mi in enumerate(routing["mutual_information_bits"]):
+        tops = ", ".join(f"{domain} {routing['top_expert_frequency'][layer][d]:.2f}"
+                         for d, domain in enumerate(result["domains"]))
+        print(f"layer {layer + 1}: MI(domain; expert) {mi:.3f} bits; top-expert frequency {tops}; "
+              f"LBL micro {routing['micro_lbl'][layer]:.3f}, "
+              f"global {routing['global_lbl'][layer]:.3f}")
+    print(f"Written: {os.path.join(out, 'analysis.json')}, {', '.join(result['files'].values())}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
