@@ -97,26 +97,28 @@ def apply_scoped_lbl(
         num_local_tokens = valid_T1.sum(dtype=torch.int64)
 
     probs_sum_E = scores_TE.sum(dim=0)
-    state.microbatch_stats.append(microbatch_stats(routing_map_TE, probs_sum_E, num_local_tokens))
+    local_counts = _count(routing_map_TE, num_local_tokens)  # one pass over the [T, E] map
+    state.microbatch_stats.append(microbatch_stats(local_counts, probs_sum_E))
     local_group = compat.tp_cp_group(router)
+
+    micro_weights = None
+    if settings.micro_coeff:
+        # A copy: the scoped sum below reduces local_counts in place.
+        micro_counts = PendingSum(local_counts.clone(), local_group, settings.blocking_sync)
+
+        def micro_weights():
+            counts = micro_counts.wait()
+            return load_balancing_weights(counts[:-1], counts[-1], counts[-1], router.topk,
+                                          num_experts, settings.micro_coeff)
+
     if settings.scope == "seq":
         probs_sum, weights = _sequence_weights(router, state, settings, scores_TE, routing_map_TE,
                                                num_local_tokens, seq_length, bsz, local_group)
     else:
         probs_sum = probs_sum_E
         group = local_group if settings.scope == "micro" else sync_group
-        weights = _batch_weights(router, state, settings, _count(routing_map_TE, num_local_tokens),
-                                 group, replicas=_size(group) // _size(local_group), bsz=bsz)
-
-    micro_weights = None
-    if settings.micro_coeff:
-        micro_counts = PendingSum(_count(routing_map_TE, num_local_tokens), local_group,
-                                  settings.blocking_sync)
-
-        def micro_weights():
-            counts = micro_counts.wait()
-            return load_balancing_weights(counts[:-1], counts[-1], counts[-1], router.topk,
-                                          num_experts, settings.micro_coeff)
+        weights = _batch_weights(router, state, settings, local_counts, group,
+                                 replicas=_size(group) // _size(local_group), bsz=bsz)
 
     def backward_weights() -> torch.Tensor:
         weights_X = weights()
@@ -202,16 +204,14 @@ def _sequence_weights(router, state, settings, scores_TE, routing_map_TE, num_lo
     return scores_TE.reshape(seq_length, bsz * num_experts).sum(dim=0), weights
 
 
-def microbatch_stats(routing_map_TE, probs_sum_E, num_local_tokens) -> torch.Tensor:
+def microbatch_stats(local_counts, probs_sum_E) -> torch.Tensor:
     """[c_1..c_E, s_1..s_E, T] of this rank's valid tokens, float64 [2E+1], no gradient.
 
-    float64 holds the integer counts exactly (below 2^53), so one tensor carries all three.
+    `local_counts` is `_count`'s [c_1..c_E, T]. float64 holds the integer counts exactly
+    (below 2^53), so one tensor carries all three.
     """
-    return torch.cat([
-        routing_map_TE.sum(dim=0, dtype=torch.float64),
-        probs_sum_E.detach().double(),
-        num_local_tokens.double().view(1),
-    ])
+    counts = local_counts.double()
+    return torch.cat([counts[:-1], probs_sum_E.detach().double(), counts[-1:]])
 
 
 def _count(routing_map_TX, num_local_tokens) -> torch.Tensor:
