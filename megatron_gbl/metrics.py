@@ -78,7 +78,8 @@ def step_metrics(routers: Sequence) -> Optional[StepMetrics]:
         MICRO_LOAD_VIOLATION: load_violation(_split(micro_LMX)[0]).mean(dim=1),
         GLOBAL_LOAD_VIOLATION: load_violation(_split(global_LX)[0]),
         BALANCE_BSZ: torch.tensor([float(router._megatron_gbl.balance_tokens())
-                                   for router in routers], dtype=torch.float64),
+                                   for router in routers], dtype=torch.float64,
+                                  device=stats_LMX.device),
     }
     return StepMetrics(
         layer_numbers=[router.layer_number for router in routers],
