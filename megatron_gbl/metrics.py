@@ -77,9 +77,10 @@ def step_metrics(routers: Sequence) -> Optional[StepMetrics]:
         GLOBAL_LBL: lbl_value(global_LX, topk),
         MICRO_LOAD_VIOLATION: load_violation(_split(micro_LMX)[0]).mean(dim=1),
         GLOBAL_LOAD_VIOLATION: load_violation(_split(global_LX)[0]),
-        BALANCE_BSZ: torch.tensor([float(router._megatron_gbl.balance_tokens())
-                                   for router in routers], dtype=torch.float64,
-                                  device=stats_LMX.device),
+        # Stacked where the counts live: no host round trip per layer, and a device tensor for
+        # Megatron's tracker all-reduce on NCCL.
+        BALANCE_BSZ: torch.stack([router._megatron_gbl.balance_tokens().double()
+                                  for router in routers]),
     }
     return StepMetrics(
         layer_numbers=[router.layer_number for router in routers],
