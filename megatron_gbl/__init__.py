@@ -10,15 +10,21 @@ instead of one micro-batch.
     megatron_gbl.disable()                # upstream behaviour again, exactly
 
 Public API:
-    enable(scope, *, sync_group_size=None, micro_coeff=0.0, model=None)
-                                  scopes: micro, seq, dp, global
+    enable(scope, *, sync_group_size=None, micro_coeff=0.0, blocking_sync=False,
+           switch_scope=None, switch_iteration=None, shuffle_seed=0, model=None)
+                                  scopes: micro, seq, dp, global, shuffle
     disable()
     enabled(scope, **kw)          context manager around enable/disable
     is_enabled()
-    start_step(model, num_microbatches=None)  step boundary for custom training loops
+    step(model, num_microbatches=None)     a custom loop's step: start_step, then finish_step
+    start_step / finish_step / discard_step(model)   the same, one call at a time
+    set_iteration(iteration)      the index of the next step (scope switch after a resume)
     balance_bsz(model)            {layer_number: BalanceBSZ(tokens, sequences)}
-    step_metrics(model=None)      micro/global LBL, load violation, Balance BSZ of the last step
+    step_metrics(model=None)      LBLs, load violations, expert bias, Balance BSZ of the last step
     Settings, BalanceBSZ, StepMetrics, SCOPES
+
+Auxiliary-loss-free balancing (moe_router_enable_expert_bias) takes the scope too: the expert
+bias is updated from micro-batch (micro, dp) or global-batch (global) expert load.
 
 Megatron-LM: `python -m megatron_gbl.launch pretrain_gpt.py ... --moe-lbl-scope=global`
 (megatron_gbl.megatron_lm holds the flags and the logging hook).
@@ -28,7 +34,8 @@ from megatron_gbl.config import SCOPES, Settings
 from megatron_gbl.lbl import BalanceBSZ
 from megatron_gbl.metrics import StepMetrics
 from megatron_gbl.patch import (
-    balance_bsz, disable, enable, enabled, is_enabled, start_step, step_metrics,
+    balance_bsz, disable, discard_step, enable, enabled, finish_step, is_enabled, set_iteration,
+    start_step, step, step_metrics,
 )
 
 __all__ = [
@@ -38,10 +45,14 @@ __all__ = [
     "StepMetrics",
     "balance_bsz",
     "disable",
+    "discard_step",
     "enable",
     "enabled",
+    "finish_step",
     "is_enabled",
+    "set_iteration",
     "start_step",
+    "step",
     "step_metrics",
 ]
 __version__ = "0.1.0"

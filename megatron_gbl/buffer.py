@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from megatron_gbl.comm import PendingSum
@@ -25,37 +23,18 @@ class StepBuffer:
     def __init__(self) -> None:
         self.synced_counts: list[PendingSum] = []  # micro-batch j: [c_j (E), t_j], int64
         self._prefix_sums: list[torch.Tensor] = []  # k: Σ_{j<=k} [c_j, t_j], filled on demand
-        self.expected_microbatches: Optional[int] = None
-        self.started = False
 
     @property
     def num_microbatches(self) -> int:
         return len(self.synced_counts)
 
-    def reset(self, expected_microbatches: Optional[int] = None) -> None:
+    def reset(self) -> None:
         """Start a new optimizer step (Alg. 1 line 8)."""
         self.synced_counts = []
         self._prefix_sums = []
-        self.expected_microbatches = expected_microbatches
-        self.started = True
 
     def add(self, synced_counts: PendingSum) -> int:
         """Add micro-batch k's counts [c_k, t_k] (possibly still being summed); return k."""
-        if not self.started:
-            raise RuntimeError(
-                "megatron_gbl: scope='global' needs the optimizer-step boundary: train through "
-                "megatron.core.pipeline_parallel.get_forward_backward_func() (reset is automatic) "
-                "or call megatron_gbl.start_step(model) before each step of a custom loop"
-            )
-        if self.expected_microbatches is not None and \
-                self.num_microbatches >= self.expected_microbatches:
-            raise RuntimeError(
-                f"megatron_gbl: a router ran {self.num_microbatches + 1} training forwards in a "
-                f"step of {self.expected_microbatches} micro-batches, so a micro-batch would be "
-                "counted twice. Non-reentrant activation checkpointing re-runs the router with "
-                "gradients on; use Megatron's recompute (--recompute-granularity / "
-                "--recompute-modules), which replays it once"
-            )
         self.synced_counts.append(synced_counts)
         return self.num_microbatches - 1
 

@@ -13,24 +13,51 @@ def all_reduce_sum(tensor: torch.Tensor, group) -> torch.Tensor:
     return PendingSum(tensor, group).wait()
 
 
-class PendingSum:
-    """An in-place sum of `tensor` over `group`, issued now and waited for by `wait()`.
+def _spans_ranks(group) -> bool:
+    return group is not None and dist.get_world_size(group) > 1
 
-    Issuing it asynchronously lets the forward pass go on while the counts travel; the first
-    `wait()` blocks until they arrived (later ones return at once).
+
+class _Pending:
+    """A collective that was issued with its result in `tensor`; `wait()` returns the result.
+
+    Issuing it asynchronously lets the forward pass go on while the data travels; the first
+    `wait()` blocks until it arrived (later ones return at once).
     """
 
-    def __init__(self, tensor: torch.Tensor, group, blocking: bool = False) -> None:
+    def __init__(self, tensor: torch.Tensor, work) -> None:
         self._tensor = tensor
-        self._work = None
-        if group is not None and dist.get_world_size(group) > 1:
-            self._work = dist.all_reduce(tensor, group=group, async_op=not blocking)
+        self._work = work
 
     def wait(self) -> torch.Tensor:
         if self._work is not None:
             self._work.wait()
             self._work = None
         return self._tensor
+
+
+class PendingSum(_Pending):
+    """An in-place sum of `tensor` over `group` (nothing to do without a group of two or more)."""
+
+    def __init__(self, tensor: torch.Tensor, group, blocking: bool = False) -> None:
+        work = None
+        if _spans_ranks(group):
+            work = dist.all_reduce(tensor, group=group, async_op=not blocking)
+        super().__init__(tensor, work)
+
+
+class PendingGather(_Pending):
+    """Every rank's `tensor` of `group`, stacked along dim 0 in group-rank order: [G*N, ...]."""
+
+    def __init__(self, tensor: torch.Tensor, group, blocking: bool = False) -> None:
+        work = None
+        if _spans_ranks(group):
+            gathered = tensor.new_empty((dist.get_world_size(group) * tensor.shape[0],
+                                         *tensor.shape[1:]))
+            # all_gather_single replaces all_gather_into_tensor in newer torch releases.
+            gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+            work = gather(gathered, tensor, group=group, async_op=not blocking)
+            tensor = gathered
+        super().__init__(tensor, work)
 
 
 def sync_block_layout(

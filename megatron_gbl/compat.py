@@ -16,6 +16,7 @@ matter to this module are written down in README.md ("Megatron-Core versions").
 
 from __future__ import annotations
 
+import importlib
 from typing import Optional
 
 import torch
@@ -66,6 +67,70 @@ def lbl_types_and_coeffs(config) -> list[tuple[str, float]]:
     types = [types] if isinstance(types, str) else list(types)
     coeffs = [coeffs] * len(types) if isinstance(coeffs, (int, float)) else list(coeffs)
     return list(zip(types, (float(c) for c in coeffs)))
+
+
+def expert_bias_update_rate(config) -> Optional[float]:
+    """moe_router_bias_update_rate when expert bias (aux-loss-free balancing) is on, else None."""
+    if not getattr(config, "moe_router_enable_expert_bias", False):
+        return None
+    return float(config.moe_router_bias_update_rate)
+
+
+def pipeline_size(config) -> int:
+    return getattr(config, "pipeline_model_parallel_size", None) or 1
+
+
+def recomputes_router(config) -> bool:
+    """Whether activation recompute replays routers: whole layers, or the MoE layer
+    (`recompute_modules` with "moe" from 0.14, `moe_layer_recompute` before)."""
+    granularity = getattr(config, "recompute_granularity", None)
+    modules = getattr(config, "recompute_modules", None) or []
+    return granularity == "full" or (granularity == "selective" and "moe" in modules) \
+        or bool(getattr(config, "moe_layer_recompute", False))
+
+
+def upstream_bias_update_switch() -> tuple[object, str, object]:
+    """(owner, name, replacement) that turns Megatron's own once-per-step expert-bias update off.
+
+    finalize_model_grads calls it through its module globals on every version (0.12-0.19).
+    """
+    # The module, not the function of the same name that megatron.core.distributed exports.
+    finalize_model_grads = importlib.import_module(
+        "megatron.core.distributed.finalize_model_grads")
+    if not hasattr(finalize_model_grads, "_update_router_expert_bias"):
+        raise ImportError(
+            "megatron_gbl: megatron.core.distributed.finalize_model_grads has no "
+            "_update_router_expert_bias; this Megatron-Core version is not supported"
+        )
+    return finalize_model_grads, "_update_router_expert_bias", lambda *args, **kwargs: None
+
+
+def fp32_bias_on_load():
+    """(name, make_replacement) keeping `expert_bias` fp32 when a state dict is loaded into a
+    bf16/fp16 model, for 0.12-0.13 (0.14+ do it themselves); None where upstream does."""
+    if "_load_from_state_dict" in TopKRouter.__dict__:
+        return None
+
+    def make_replacement(original):
+        def _load_from_state_dict(self, *args, **kwargs):
+            self._maintain_float32_expert_bias()  # before the copy rounds the loaded bias
+            return original(self, *args, **kwargs)
+
+        return _load_from_state_dict
+
+    return "_load_from_state_dict", make_replacement
+
+
+def reset_upstream_expert_load(router) -> None:
+    """Zero upstream's own expert-load accumulator, which the plugin does not use (0.12-0.14
+    would otherwise never zero it while upstream's update is off)."""
+    if getattr(router, "local_tokens_per_expert", None) is not None:
+        router.local_tokens_per_expert.zero_()
+
+
+def expert_bias_frozen(router) -> bool:
+    """0.19's `frozen_expert_bias`: upstream never updates such a bias, nor does the plugin."""
+    return bool(getattr(router, "frozen_expert_bias", False))
 
 
 def padding_mask_from_call(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:

@@ -2,23 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
 from megatron_gbl import compat
 
-SCOPES = ("micro", "seq", "dp", "global")
+SCOPES = ("micro", "seq", "dp", "global", "shuffle")
+DP_SYNC_SCOPES = ("dp", "global")
+# Scopes with a per-expert load statistic for the auxiliary-loss-free bias update.
+BIAS_SCOPES = ("micro", "dp", "global")
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Where the load-balancing statistic f_i comes from.
+    """Where the load-balancing statistic (f_i, or the expert-bias load) comes from.
 
     scope:
-        "micro"  counts of this micro-batch over TP x CP (Megatron's aux_loss).
-        "seq"    counts per sequence (Megatron's seq_aux_loss).
-        "dp"     counts all-reduced over TP x DP x CP for the current micro-batch ("LBL+sync").
-        "global" "dp" plus the gradient-accumulation buffer of Algorithm 1 ("LBL+buffer").
+        "micro"   counts of this micro-batch over TP x CP (Megatron's aux_loss).
+        "seq"     counts per sequence (Megatron's seq_aux_loss).
+        "dp"      counts all-reduced over TP x DP x CP for the current micro-batch ("LBL+sync").
+        "global"  "dp" plus the gradient-accumulation buffer of Algorithm 1 ("LBL+buffer").
+        "shuffle" counts of micro-batch-many tokens drawn at random from the micro-batch of
+                  all data-parallel ranks (paper Tab. 2, "Shuffle LBL_micro").
+        With expert bias on (aux-loss-free balancing), micro / dp / global also set the counts
+        of the bias update: per micro-batch locally, per micro-batch over data parallel, or
+        once per step over the global batch.
     sync_group_size:
         For "dp"/"global": sync only within blocks of this many consecutive data-parallel
         ranks (8 = one 8-GPU node). None syncs over the whole data-parallel group.
@@ -28,6 +37,12 @@ class Settings:
     blocking_sync:
         Wait for the count all-reduce in the forward pass, like upstream, instead of in the
         layer's backward (for comparison and debugging; the results are identical).
+    switch_scope, switch_iteration:
+        From training iteration `switch_iteration` on (0-based: after that many steps), use
+        `switch_scope` instead of `scope` (paper Tab. 3). Options that only apply to dp/global
+        act while the scope in force is dp or global.
+    shuffle_seed:
+        Seed of the "shuffle" draws (each data-parallel replica draws its own sample).
 
     Error messages name the Python argument and the Megatron-LM flag (--moe-lbl-*).
     """
@@ -36,13 +51,19 @@ class Settings:
     sync_group_size: Optional[int] = None
     micro_coeff: float = 0.0
     blocking_sync: bool = False
+    switch_scope: Optional[str] = None
+    switch_iteration: Optional[int] = None
+    shuffle_seed: int = 0
 
     def __post_init__(self):
-        if self.scope not in SCOPES:
-            raise ValueError(
-                f"megatron_gbl: unknown scope (--moe-lbl-scope) {self.scope!r}; choose one of "
-                f"{', '.join(SCOPES)}"
-            )
+        for name, flag, scope in (("scope", "--moe-lbl-scope", self.scope),
+                                  ("switch_scope", "--moe-lbl-switch-scope", self.switch_scope)):
+            if scope is not None and scope not in SCOPES:
+                raise ValueError(
+                    f"megatron_gbl: unknown {name} ({flag}) {scope!r}; choose one of "
+                    f"{', '.join(SCOPES)}"
+                )
+        self._check_switch()
         if isinstance(self.micro_coeff, bool) or not isinstance(self.micro_coeff, (int, float)) \
                 or not self.micro_coeff >= 0:
             raise ValueError(
@@ -52,23 +73,64 @@ class Settings:
         dp_only = (("sync_group_size", "--moe-lbl-sync-group-size", self.sync_group_size),
                    ("micro_coeff", "--moe-lbl-micro-coeff", self.micro_coeff or None))
         for name, flag, value in dp_only:
-            if value is not None and not self.uses_dp_sync:
+            if value is not None and not any(s in DP_SYNC_SCOPES for s in self.scopes):
                 raise ValueError(
                     f"megatron_gbl: {name} ({flag}) {value} only applies to scope 'dp' or "
                     f"'global', not {self.scope!r}; drop it or change the scope (--moe-lbl-scope)"
                 )
-        if self.sync_group_size is None:
-            return
-        if isinstance(self.sync_group_size, bool) or not isinstance(self.sync_group_size, int) \
-                or self.sync_group_size < 1:
+        if self.sync_group_size is not None and (
+                isinstance(self.sync_group_size, bool) or not isinstance(self.sync_group_size, int)
+                or self.sync_group_size < 1):
             raise ValueError(
                 f"megatron_gbl: sync_group_size (--moe-lbl-sync-group-size) must be a positive "
                 f"int (data-parallel ranks per balance block), got {self.sync_group_size!r}"
             )
 
+    def _check_switch(self) -> None:
+        if (self.switch_scope is None) != (self.switch_iteration is None):
+            raise ValueError(
+                "megatron_gbl: switch_scope (--moe-lbl-switch-scope) and switch_iteration "
+                "(--moe-lbl-switch-iteration) go together; give both, or neither"
+            )
+        if self.switch_scope is None:
+            return
+        if self.switch_scope == self.scope:
+            raise ValueError(
+                f"megatron_gbl: switch_scope (--moe-lbl-switch-scope) {self.switch_scope!r} is "
+                "already the scope (--moe-lbl-scope); drop the switch or pick another scope"
+            )
+        if isinstance(self.switch_iteration, bool) or not isinstance(self.switch_iteration, int) \
+                or self.switch_iteration < 1:
+            raise ValueError(
+                f"megatron_gbl: switch_iteration (--moe-lbl-switch-iteration) must be an int >= 1 "
+                f"(the number of iterations run at the first scope), got {self.switch_iteration!r}"
+                "; to start at the second scope, make it the scope (--moe-lbl-scope)"
+            )
+
+    @property
+    def scopes(self) -> tuple[str, ...]:
+        """Every scope this run uses, in order."""
+        return (self.scope,) if self.switch_scope is None else (self.scope, self.switch_scope)
+
     @property
     def uses_dp_sync(self) -> bool:
-        return self.scope in ("dp", "global")
+        return self.scope in DP_SYNC_SCOPES
+
+    @property
+    def needs_step_boundary(self) -> bool:
+        """Whether training must mark steps (the schedules do): a buffer, a switch, or both."""
+        return "global" in self.scopes or self.switch_scope is not None
+
+    def at(self, iteration: int) -> "Settings":
+        """The settings in force at training iteration `iteration` (0-based), switch applied."""
+        scope = self.scope
+        if self.switch_scope is not None and iteration >= self.switch_iteration:
+            scope = self.switch_scope
+        dp_sync = scope in DP_SYNC_SCOPES
+        return dataclasses.replace(
+            self, scope=scope, switch_scope=None, switch_iteration=None,
+            sync_group_size=self.sync_group_size if dp_sync else None,
+            micro_coeff=self.micro_coeff if dp_sync else 0.0)
 
 
 def check_sync_group_size(sync_group_size: int, data_parallel_size: int) -> None:
@@ -80,17 +142,40 @@ def check_sync_group_size(sync_group_size: int, data_parallel_size: int) -> None
         )
 
 
-def router_lbl(config) -> tuple[str, float]:
-    """The single (upstream LBL type, coefficient) the plugin takes over for a router config.
+@dataclass(frozen=True)
+class Balancing:
+    """What a router config balances with, that the plugin rescopes.
+
+    lbl_type / coeff: the one upstream LBL type (aux_loss, seq_aux_loss, global_aux_loss) and its
+        moe_aux_loss_coeff; None / 0.0 for auxiliary-loss-free balancing alone.
+    bias_update_rate: moe_router_bias_update_rate when moe_router_enable_expert_bias is on
+        (auxiliary-loss-free balancing, Wang et al. 2024), else None.
+    """
+
+    lbl_type: Optional[str]
+    coeff: float
+    bias_update_rate: Optional[float]
+
+
+def router_balancing(config, settings: Optional[Settings] = None) -> Balancing:
+    """The LBL and expert-bias update the plugin takes over for a router config.
 
     Raises ValueError naming the Megatron option (config field and --flag) and the fix when
-    no LBL can be computed. Works on a TransformerConfig and on Megatron-LM's args alike.
+    there is nothing to rescope, or when `settings` cannot apply to it. Works on a
+    TransformerConfig and on Megatron-LM's args alike.
     """
+    bias_update_rate = compat.expert_bias_update_rate(config)
     pairs = compat.lbl_types_and_coeffs(config)
+    if bias_update_rate is not None:
+        # Beside expert bias, Megatron computes no LBL of type "none" or coefficient 0 (its
+        # defaults): balancing is then auxiliary-loss-free alone.
+        pairs = [(t, c) for t, c in pairs if t != "none" and c != 0]
     fix = (
         "set moe_router_load_balancing_type (--moe-router-load-balancing-type) to one of aux_loss, "
         "seq_aux_loss, global_aux_loss with moe_aux_loss_coeff (--moe-aux-loss-coeff) > 0 (the "
-        "plugin keeps that coefficient), or drop --moe-lbl-scope / call megatron_gbl.disable()"
+        "plugin keeps that coefficient), or turn on auxiliary-loss-free balancing "
+        "(moe_router_enable_expert_bias / --moe-router-enable-expert-bias), or drop "
+        "--moe-lbl-scope / call megatron_gbl.disable()"
     )
     unsupported = [t for t, _ in pairs if t not in compat.LBL_TYPES]
     if unsupported:
@@ -104,7 +189,7 @@ def router_lbl(config) -> tuple[str, float]:
             f"megatron_gbl: moe_aux_loss_coeff={bad[0][1]} for {bad[0][0]} must be > 0 "
             f"when megatron_gbl is enabled; {fix}"
         )
-    if len(pairs) != 1:
+    if len(pairs) > 1:
         raise ValueError(
             f"megatron_gbl: moe_router_load_balancing_type={[t for t, _ in pairs]} combines "
             f"several load-balancing losses; the plugin replaces exactly one (for a micro-batch LBL beside "
@@ -116,4 +201,29 @@ def router_lbl(config) -> tuple[str, float]:
             "gathers router logits across tensor parallel ranks and is not supported; use "
             "'alltoall' or 'allgather'"
         )
-    return pairs[0]
+    lbl_type, coeff = pairs[0] if pairs else (None, 0.0)
+    balancing = Balancing(lbl_type, coeff, bias_update_rate)
+    if settings is not None and bias_update_rate is not None:
+        _check_bias_scopes(settings, config)
+    return balancing
+
+
+def _check_bias_scopes(settings: Settings, config) -> None:
+    for scope in settings.scopes:
+        if scope not in BIAS_SCOPES:
+            raise ValueError(
+                f"megatron_gbl: scope (--moe-lbl-scope / --moe-lbl-switch-scope) {scope!r} has no "
+                "per-expert load for the expert-bias update of auxiliary-loss-free balancing "
+                "(moe_router_enable_expert_bias); use one of "
+                f"{', '.join(BIAS_SCOPES)}, or turn expert bias off"
+            )
+    per_microbatch = [scope for scope in settings.scopes if scope != "global"]
+    if per_microbatch and compat.pipeline_size(config) > 1 and compat.recomputes_router(config):
+        raise ValueError(
+            f"megatron_gbl: scope {per_microbatch[0]!r} updates the expert bias after every "
+            "micro-batch, but with pipeline parallelism (--pipeline-model-parallel-size > 1) "
+            "activation recompute (--recompute-granularity full / --recompute-modules moe) "
+            "replays a router after later micro-batches changed its bias, so the replay would "
+            "route differently from the forward; use scope 'global', or turn recompute of the "
+            "MoE layers off"
+        )

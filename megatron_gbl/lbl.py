@@ -1,4 +1,4 @@
-"""The scoped load-balancing loss of one router call: count, sync, buffer, compute, attach.
+"""One router call's balancing: the scoped load-balancing loss, and the expert load.
 
 Per rank r and micro-batch k of a step (paper eq. 6 with Algorithm 1):
 
@@ -11,6 +11,8 @@ with R the number of data-parallel replicas in the balance group. T_k / R is the
 count per replica, so after Megatron's data-parallel gradient averaging Σ_r ∇L_rk / R equals
 ∇(coeff * LBL) of the whole balance group's micro-batch k with buffered f, padding or not.
 For scope "micro" the group is TP x CP, R = 1 and this is exactly Megatron's aux_loss.
+Scope "shuffle" (paper Tab. 2) is "micro" with C counted on T_k tokens drawn without
+replacement from the micro-batch of every replica: micro's token count, global's distribution.
 With `micro_coeff` > 0 (dp/global), micro_coeff * LBL of the micro-batch over TP x CP is added
 (paper Tab. 5, "LBL_global + LBL_micro").
 
@@ -18,6 +20,9 @@ No barrier in the forward pass: L is linear in the probability sums s_i, L = Σ_
 w = ∂L/∂s known once the counts are (loss.load_balancing_weights). The count all-reduce is
 issued asynchronously in the forward and waited for in this layer's backward, where w is first
 needed; the logged value Σ_i w_i s_i is recorded there too.
+
+The expert load of auxiliary-loss-free balancing (bias.py) is counted on the routing map the
+router dispatched (biased top-k), not on the plain top-k the LBL uses.
 """
 
 from __future__ import annotations
@@ -29,9 +34,10 @@ from typing import Callable, Optional
 import torch
 
 from megatron_gbl import compat
+from megatron_gbl.bias import ExpertBiasUpdater
 from megatron_gbl.buffer import StepBuffer
-from megatron_gbl.config import Settings
-from megatron_gbl.comm import PendingSum
+from megatron_gbl.comm import PendingGather, PendingSum
+from megatron_gbl.config import Balancing, Settings
 from megatron_gbl.loss import load_balancing_weights
 
 
@@ -47,23 +53,50 @@ class BalanceBSZ:
 class RouterState:
     """What the plugin keeps on one TopKRouter (as `router._megatron_gbl`)."""
 
-    lbl_type: str
-    coeff: float
+    balancing: Balancing
     buffer: StepBuffer = field(default_factory=StepBuffer)
+    bias: Optional[ExpertBiasUpdater] = None
+    started: bool = False  # a step boundary was seen
+    expected_microbatches: Optional[int] = None
+    calls: int = 0  # training calls of this step
     balance_tokens: Optional[Callable[[], torch.Tensor]] = None  # waits for the synced counts
     balance_sequences: int = 0
-    # Local, unreduced statistics of each micro-batch of the step, for metrics.step_metrics.
+    # Local, unreduced statistics of each micro-batch of the step, for metrics.step_metrics:
+    # LBL [c, s, T] (float64, with an LBL) and the dispatched load [c, T] (int64, with bias).
     microbatch_stats: list = field(default_factory=list)
+    load_counts: list = field(default_factory=list)
+    shuffle_generator: Optional[torch.Generator] = None
+
+    def __post_init__(self):
+        if self.balancing.bias_update_rate is not None:
+            self.bias = ExpertBiasUpdater(self.balancing.bias_update_rate)
 
     def start_step(self, expected_microbatches: Optional[int] = None) -> None:
-        self.buffer.reset(expected_microbatches)
+        self.buffer.reset()
         self.microbatch_stats.clear()
+        self.load_counts.clear()
+        if self.bias is not None:
+            self.bias.start_step()
+        self.started = True
+        self.expected_microbatches = expected_microbatches
+        self.calls = 0
+
+    def count_call(self) -> None:
+        """One more training call (micro-batch) of this step; refuse one too many."""
+        if self.expected_microbatches is not None and self.calls >= self.expected_microbatches:
+            raise RuntimeError(
+                f"megatron_gbl: a router ran {self.calls + 1} training forwards in a step of "
+                f"{self.expected_microbatches} micro-batches, so a micro-batch would be counted "
+                "twice. Non-reentrant activation checkpointing re-runs the router with "
+                "gradients on; use Megatron's recompute (--recompute-granularity / "
+                "--recompute-modules), which replays it once"
+            )
+        self.calls += 1
 
     @property
     def balance_bsz(self) -> Optional[BalanceBSZ]:
-        if self.balance_tokens is None:
-            return None
-        return BalanceBSZ(int(self.balance_tokens()), self.balance_sequences)
+        tokens = None if self.balance_tokens is None else self.balance_tokens()
+        return None if tokens is None else BalanceBSZ(int(tokens), self.balance_sequences)
 
 
 def apply_scoped_lbl(
@@ -86,18 +119,13 @@ def apply_scoped_lbl(
     seq_length, bsz, num_experts = logits_SBE.shape
     scores_TE, routing_map_TE = compat.aux_scores_and_map(router,
                                                           logits_SBE.reshape(-1, num_experts))
-    if padding_mask_SB is None:
-        # torch.full, not torch.tensor: no host-to-device copy (a sync on CUDA) per call.
-        num_local_tokens = torch.full((), scores_TE.shape[0], dtype=torch.int64,
-                                      device=scores_TE.device)
-    else:
-        valid_T1 = ~padding_mask_SB.reshape(-1, 1)
+    valid_T1, num_local_tokens = _valid_tokens(padding_mask_SB, scores_TE)
+    if valid_T1 is not None:
         scores_TE = scores_TE * valid_T1
         routing_map_TE = routing_map_TE & valid_T1
-        num_local_tokens = valid_T1.sum(dtype=torch.int64)
 
     probs_sum_E = scores_TE.sum(dim=0)
-    local_counts = _count(routing_map_TE, num_local_tokens)  # one pass over the [T, E] map
+    local_counts = count_choices(routing_map_TE, num_local_tokens)  # one pass over the [T, E] map
     state.microbatch_stats.append(microbatch_stats(local_counts, probs_sum_E))
     local_group = compat.tp_cp_group(router)
 
@@ -116,17 +144,22 @@ def apply_scoped_lbl(
                                                num_local_tokens, seq_length, bsz, local_group)
     else:
         probs_sum = probs_sum_E
-        group = local_group if settings.scope == "micro" else sync_group
+        group = sync_group if settings.uses_dp_sync else local_group
+        shuffled = None
+        if settings.scope == "shuffle":
+            shuffled = _shuffled_counts(router, state, settings, routing_map_TE, valid_T1)
         weights = _batch_weights(router, state, settings, local_counts, group,
-                                 replicas=_size(group) // _size(local_group), bsz=bsz)
+                                 replicas=_size(group) // _size(local_group), bsz=bsz,
+                                 shuffled=shuffled)
 
     def backward_weights() -> torch.Tensor:
         weights_X = weights()
         # Logged like upstream (loss / coeff, summed over TP x CP), and averaged over data
         # parallel on every version (0.12-0.13 trackers log one rank's value otherwise). The
         # micro term's value is logged once per step as metrics' micro_batch_lbl.
-        compat.log_to_tracker(router, compat.tracker_name(state.lbl_type),
-                              (weights_X * probs_sum.detach().double()).sum() / state.coeff,
+        compat.log_to_tracker(router, compat.tracker_name(state.balancing.lbl_type),
+                              (weights_X * probs_sum.detach().double()).sum() /
+                              state.balancing.coeff,
                               reduce_group=local_group,
                               avg_group=compat.tp_dp_cp_group(router))
         if micro_weights is not None:
@@ -154,8 +187,12 @@ class _DeferredLBL(torch.autograd.Function):
         return grad_probs, ctx.backward_weights(), None
 
 
-def _batch_weights(router, state, settings, counts, group, replicas: int, bsz: int):
-    """w for scopes micro/dp/global: issue the count sum over `group`, return w's thunk."""
+def _batch_weights(router, state, settings, counts, group, replicas: int, bsz: int,
+                   shuffled: Optional[Callable] = None):
+    """w for scopes micro/dp/global/shuffle: issue the count sum over `group`, return w's thunk.
+
+    `shuffled(num_tokens)`, for "shuffle", gives the counts of that many drawn tokens.
+    """
     num_experts = counts.shape[0] - 1
     synced = PendingSum(counts, group, settings.blocking_sync)
     if settings.scope == "global":
@@ -163,8 +200,11 @@ def _batch_weights(router, state, settings, counts, group, replicas: int, bsz: i
         counts_for_f = functools.partial(state.buffer.prefix, k)
         microbatches = k + 1
     else:
+        @functools.cache  # one draw per call, however often it is asked for
         def counts_for_f():
             counts = synced.wait()
+            if shuffled is not None:
+                return shuffled(counts[-1]), counts[-1]
             return counts[:-1], counts[-1]
 
         microbatches = 1
@@ -175,7 +215,7 @@ def _batch_weights(router, state, settings, counts, group, replicas: int, bsz: i
         tokens_per_expert_E, num_tokens_for_f = counts_for_f()
         return load_balancing_weights(tokens_per_expert_E, num_tokens_for_f,
                                       synced.wait()[-1] / replicas, router.topk, num_experts,
-                                      state.coeff)
+                                      state.balancing.coeff)
 
     return weights
 
@@ -190,7 +230,7 @@ def _sequence_weights(router, state, settings, scores_TE, routing_map_TE, num_lo
     """
     num_experts = scores_TE.shape[-1]
     synced = PendingSum(
-        _count(routing_map_TE.reshape(seq_length, bsz * num_experts), num_local_tokens),
+        count_choices(routing_map_TE.reshape(seq_length, bsz * num_experts), num_local_tokens),
         local_group, settings.blocking_sync)
     state.balance_tokens = lambda: synced.wait()[-1] / bsz
     state.balance_sequences = 1
@@ -199,27 +239,111 @@ def _sequence_weights(router, state, settings, scores_TE, routing_map_TE, num_lo
         counts = synced.wait()
         tokens_per_seq = counts[-1] / bsz
         return load_balancing_weights(counts[:-1], tokens_per_seq, tokens_per_seq, router.topk,
-                                      num_experts, state.coeff) / bsz
+                                      num_experts, state.balancing.coeff) / bsz
 
     return scores_TE.reshape(seq_length, bsz * num_experts).sum(dim=0), weights
+
+
+def _shuffled_counts(router, state, settings, routing_map_TE, valid_T1):
+    """Issue the gather of every replica's expert choices; return `draw(num_tokens)`.
+
+    The sample of a replica is the same on its TP x CP ranks (seeded by data-parallel rank and
+    layer) and differs between replicas, as each parallel group of eq. 3 draws its own.
+    """
+    choices_TK = torch.topk(routing_map_TE.to(torch.int32), router.topk, dim=1).indices
+    if valid_T1 is not None:
+        choices_TK = torch.where(valid_T1, choices_TK, -1)
+    # int32: the smallest integer type every backend gathers.
+    gathered = PendingGather(choices_TK.to(torch.int32), compat.tp_dp_cp_group(router),
+                             settings.blocking_sync)
+    if state.shuffle_generator is None:
+        dp_rank, _ = compat.data_parallel_rank_and_size()
+        state.shuffle_generator = torch.Generator(device=routing_map_TE.device).manual_seed(
+            (settings.shuffle_seed << 32) + (dp_rank << 16) + router.layer_number)
+    generator = state.shuffle_generator
+    num_experts = routing_map_TE.shape[-1]
+    return lambda num_tokens: draw_shuffled_counts(gathered.wait(), num_tokens, num_experts,
+                                                   generator)[0]
+
+
+def draw_shuffled_counts(choices_NK: torch.Tensor, sample_size: torch.Tensor, num_experts: int,
+                         generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert counts of `sample_size` tokens drawn uniformly without replacement.
+
+    Args:
+        choices_NK: int [N, K], each token's K chosen experts; -1 rows are padding, never drawn.
+        sample_size: int64 [], at most the number of valid rows.
+    Returns:
+        (counts int64 [E], drawn bool [N]). Every row gets a uniform random key (padding: +inf)
+        and the `sample_size` smallest keys are drawn: no host sync, any sample size.
+    """
+    keys_N = torch.rand(choices_NK.shape[0], generator=generator, device=choices_NK.device)
+    keys_N = torch.where(choices_NK[:, 0] >= 0, keys_N, torch.inf)
+    order_N = torch.argsort(keys_N)
+    key_rank_N = torch.empty_like(order_N)
+    key_rank_N[order_N] = torch.arange(order_N.shape[0], device=order_N.device)
+    drawn_N = key_rank_N < sample_size
+    counts_E = torch.zeros(num_experts, dtype=torch.int64, device=choices_NK.device)
+    counts_E.scatter_add_(0, choices_NK.clamp(min=0).long().reshape(-1),
+                          drawn_N.long().unsqueeze(1).expand_as(choices_NK).reshape(-1))
+    return counts_E, drawn_N
+
+
+def record_expert_load(router, state: RouterState, settings: Settings, sync_group,
+                       routing_map_TE: torch.Tensor, padding_mask_SB: Optional[torch.Tensor],
+                       bsz: int) -> None:
+    """Count the dispatched routing map [T, E] of this call for the expert-bias update."""
+    valid_T1, num_local_tokens = _valid_tokens(padding_mask_SB, routing_map_TE)
+    if valid_T1 is not None:
+        routing_map_TE = routing_map_TE & valid_T1
+    local_counts = count_choices(routing_map_TE, num_local_tokens)
+    state.load_counts.append(local_counts)
+    balance_group, average_group = bias_groups(router, settings, sync_group)
+    state.bias.record(local_counts, settings.scope, balance_group, average_group,
+                      settings.blocking_sync)
+    if state.balancing.lbl_type is None:  # else the LBL's Balance BSZ, the same token set
+        microbatches = len(state.load_counts) if settings.scope == "global" else 1
+        replicas = _size(balance_group) // _size(compat.tp_cp_group(router))
+        state.balance_tokens = lambda: state.bias.balance_tokens
+        state.balance_sequences = bsz * replicas * microbatches
+
+
+def bias_groups(router, settings: Settings, sync_group):
+    """(balance group, average group) of the expert-bias update (bias.py): counts are summed
+    over the first, signs averaged over the second (None when the first is all of TP x DP x CP,
+    so there is only one sign)."""
+    balance_group = sync_group if settings.uses_dp_sync else compat.tp_cp_group(router)
+    average_group = compat.tp_dp_cp_group(router)
+    if _size(balance_group) == _size(average_group):
+        average_group = None
+    return balance_group, average_group
 
 
 def microbatch_stats(local_counts, probs_sum_E) -> torch.Tensor:
     """[c_1..c_E, s_1..s_E, T] of this rank's valid tokens, float64 [2E+1], no gradient.
 
-    `local_counts` is `_count`'s [c_1..c_E, T]. float64 holds the integer counts exactly
+    `local_counts` is `count_choices`'s [c_1..c_E, T]. float64 holds the integer counts exactly
     (below 2^53), so one tensor carries all three.
     """
     counts = local_counts.double()
     return torch.cat([counts[:-1], probs_sum_E.detach().double(), counts[-1:]])
 
 
-def _count(routing_map_TX, num_local_tokens) -> torch.Tensor:
+def count_choices(routing_map_TX, num_local_tokens) -> torch.Tensor:
     """[choices per column (X), valid tokens] as one int64 vector: one collective for both.
 
     int64 keeps the sum exact on every backend and at any scale (no float count ever exists).
     """
     return torch.cat([routing_map_TX.sum(dim=0, dtype=torch.int64), num_local_tokens.view(1)])
+
+
+def _valid_tokens(padding_mask_SB: Optional[torch.Tensor], like_TE: torch.Tensor):
+    """(valid bool [T, 1] or None without padding, number of valid tokens int64 [])."""
+    if padding_mask_SB is None:
+        # torch.full, not torch.tensor: no host-to-device copy (a sync on CUDA) per call.
+        return None, torch.full((), like_TE.shape[0], dtype=torch.int64, device=like_TE.device)
+    valid_T1 = ~padding_mask_SB.reshape(-1, 1)
+    return valid_T1, valid_T1.sum(dtype=torch.int64)
 
 
 def _size(group) -> int:

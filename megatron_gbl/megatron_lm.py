@@ -17,6 +17,7 @@ A patched fork (patches/) calls `add_arguments` and `configure` natively instead
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import importlib
 import inspect
@@ -24,7 +25,7 @@ import inspect
 import torch
 
 from megatron_gbl import compat, metrics, patch
-from megatron_gbl.config import SCOPES, Settings, check_sync_group_size, router_lbl
+from megatron_gbl.config import SCOPES, Settings, check_sync_group_size, router_balancing
 
 HISTOGRAM_TAG = "moe/tokens_per_expert_layer_{}"
 
@@ -37,7 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="Token set the load-balancing loss's expert frequencies f_i are counted over: "
              "micro (micro-batch, Megatron's aux_loss), seq (sequence), dp (micro-batch over all "
              "data-parallel ranks), global (global batch: dp plus the gradient-accumulation "
-             "buffer). Unset: Megatron's own behaviour.")
+             "buffer), shuffle (micro-batch-many tokens drawn from all ranks' micro-batches). "
+             "With --moe-router-enable-expert-bias, micro/dp/global also set the load the "
+             "bias is updated from (per micro-batch, or once per step for global). "
+             "Unset: Megatron's own behaviour.")
     group.add_argument(
         "--moe-lbl-sync-group-size", type=int, default=None,
         help="For dp/global: balance within blocks of this many consecutive data-parallel ranks "
@@ -46,6 +50,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--moe-lbl-micro-coeff", type=float, default=0.0,
         help="For dp/global: add a micro-batch load-balancing loss with this coefficient beside "
              "the scoped one (paper Tab. 5 uses 1%% of --moe-aux-loss-coeff).")
+    group.add_argument(
+        "--moe-lbl-switch-scope", choices=SCOPES, default=None,
+        help="Scope to use from --moe-lbl-switch-iteration on (paper Tab. 3, e.g. micro then "
+             "global).")
+    group.add_argument(
+        "--moe-lbl-switch-iteration", type=int, default=None,
+        help="Number of iterations trained at --moe-lbl-scope before --moe-lbl-switch-scope "
+             "takes over (counted like --train-iters, so resumed runs switch at the same "
+             "iteration).")
     group.add_argument(
         "--moe-lbl-blocking-sync", action="store_true",
         help="Wait for the expert-count all-reduce in the router's forward (like upstream) "
@@ -67,9 +80,12 @@ def configure(args: argparse.Namespace) -> None:
     if scope is None:
         given = [flag for flag, value in (
             ("--moe-lbl-sync-group-size", args.moe_lbl_sync_group_size),
-            ("--moe-lbl-micro-coeff", args.moe_lbl_micro_coeff or None)) if value is not None]
+            ("--moe-lbl-micro-coeff", args.moe_lbl_micro_coeff or None),
+            ("--moe-lbl-switch-scope", args.moe_lbl_switch_scope),
+            ("--moe-lbl-switch-iteration", args.moe_lbl_switch_iteration)) if value is not None]
         if given:
-            raise ValueError(f"megatron_gbl: {given[0]} needs --moe-lbl-scope dp or global")
+            raise ValueError(f"megatron_gbl: {given[0]} needs --moe-lbl-scope (the scope to "
+                             "start from); add it, or drop the flag")
         return
     if not getattr(args, "num_experts", None):
         raise ValueError(
@@ -80,15 +96,22 @@ def configure(args: argparse.Namespace) -> None:
             f"megatron_gbl: --moe-lbl-histogram-interval must be >= 0 (0 turns histograms off), "
             f"got {args.moe_lbl_histogram_interval}")
     settings = Settings(scope, args.moe_lbl_sync_group_size, args.moe_lbl_micro_coeff,
-                        args.moe_lbl_blocking_sync)
-    router_lbl(args)
+                        args.moe_lbl_blocking_sync, args.moe_lbl_switch_scope,
+                        args.moe_lbl_switch_iteration, shuffle_seed=getattr(args, "seed", 0))
+    balancing = router_balancing(args, settings)
     if settings.sync_group_size is not None:
         check_sync_group_size(settings.sync_group_size, args.data_parallel_size)
-    patch.enable(settings.scope, sync_group_size=settings.sync_group_size,
-                 micro_coeff=settings.micro_coeff, blocking_sync=settings.blocking_sync)
+    patch.enable(**{field.name: getattr(settings, field.name)
+                    for field in dataclasses.fields(settings)})
+    # Megatron-LM's train() sets args.curr_iteration (0-based, restored on resume) before each
+    # step: the scope switch follows it.
+    training = importlib.import_module("megatron.training")
+    patch.set_iteration(0, source=lambda: getattr(training.get_args(), "curr_iteration", None))
+    names = metrics.names(balancing.lbl_type is not None,
+                          balancing.bias_update_rate is not None)
     owner, name = _logging_hook()
     patch.replace(owner, name, lambda original: functools.wraps(original)(
-        lambda *a, **k: _log_step(original, args.moe_lbl_histogram_interval, *a, **k)))
+        lambda *a, **k: _log_step(original, names, args.moe_lbl_histogram_interval, *a, **k)))
 
 
 def install() -> None:
@@ -117,7 +140,7 @@ def _logging_hook() -> tuple[object, str]:
     return moe_logging.MoEMetricsTracker, "report"
 
 
-def _log_step(original, histogram_interval: int, *args, **kwargs):
+def _log_step(original, names: tuple, histogram_interval: int, *args, **kwargs):
     """Megatron-LM's per-iteration MoE logging, with this step's plugin metrics added first."""
     bound = inspect.signature(original).bind(*args, **kwargs)
     call = bound.arguments
@@ -132,8 +155,11 @@ def _log_step(original, histogram_interval: int, *args, **kwargs):
                 router = routers[layer_number]
                 compat.log_to_tracker(router, name, value.float() / call["loss_scale"],
                                       avg_group=compat.tp_dp_cp_group(router))
-        if call.get("track_names") is not None:
-            call["track_names"] = list(call["track_names"]) + list(metrics.NAMES)
+    # From the config, not from this rank's metrics: every pipeline stage must reduce the same
+    # names, a stage without MoE layers too.
+    if call.get("track_names") is not None:
+        call["track_names"] = list(call["track_names"]) + list(names)
+    if step is not None:
         iteration = call["iteration"]
         if histogram_interval and iteration % histogram_interval == 0:
             _log_histograms(step, routers, iteration, call.get("writer"), call.get("wandb_writer"))

@@ -1,17 +1,19 @@
 """Per-step balance statistics for logging: computed without gradient, reduced once per step.
 
-Every router keeps the local [c_1..c_E, s_1..s_E, T] of each micro-batch of the step
-(lbl.microbatch_stats). `step_metrics` reduces them for all layers of this pipeline stage at once:
+Every router keeps, per micro-batch of the step, the local LBL statistics [c_1..c_E, s_1..s_E, T]
+(lbl.microbatch_stats; with an LBL) and the dispatched load [c_1..c_E, T] (with expert bias).
+`step_metrics` packs them for all layers of this pipeline stage and reduces them at once:
 
-- one all-reduce over TP x CP of the per-micro-batch stats [L, M, 2E+1]: each micro-batch as
+- one all-reduce over TP x CP of the per-micro-batch stats [L, M, X]: each micro-batch as
   Megatron's aux_loss sees it;
-- one all-reduce over TP x DP x CP of their sums over the step [L, 2E+1]: the global batch.
+- one all-reduce over TP x DP x CP of their sums over the step [L, X]: the global batch.
 
     LBL(c, s, T)   = N_E * Σ_i c_i / (K T) * s_i / T        (paper eq. 2, value without coeff)
     load violation = max_i c_i / mean_i c_i - 1             (MaxVio of Wang et al. 2024)
 
-Micro-batch values are averaged over the step's micro-batches here and over data-parallel ranks
-by Megatron's tracker; global values are the same on every rank.
+The load is the expert-bias load (the dispatched, biased top-k) when expert bias is on, else the
+LBL's counts. Micro-batch values are averaged over the step's micro-batches here and over
+data-parallel ranks by Megatron's tracker; global values are the same on every rank.
 """
 
 from __future__ import annotations
@@ -29,15 +31,22 @@ GLOBAL_LBL = "global_batch_lbl"
 MICRO_LOAD_VIOLATION = "micro_batch_load_violation"
 GLOBAL_LOAD_VIOLATION = "global_batch_load_violation"
 BALANCE_BSZ = "balance_bsz_tokens"
-NAMES = (MICRO_LBL, GLOBAL_LBL, MICRO_LOAD_VIOLATION, GLOBAL_LOAD_VIOLATION, BALANCE_BSZ)
+EXPERT_BIAS_STD = "expert_bias_std"
+
+
+def names(has_lbl: bool, has_expert_bias: bool) -> tuple[str, ...]:
+    """The metric names `step_metrics` gives for a router configuration."""
+    return ((MICRO_LBL, GLOBAL_LBL) if has_lbl else ()) + (
+        MICRO_LOAD_VIOLATION, GLOBAL_LOAD_VIOLATION, BALANCE_BSZ) + (
+        (EXPERT_BIAS_STD,) if has_expert_bias else ())
 
 
 @dataclass(frozen=True)
 class StepMetrics:
     """One training step's statistics for the routers of this pipeline stage.
 
-    values: name (one of NAMES) -> float64 [L], in the order of `layer_numbers`.
-    global_tokens_per_expert: int64 [L, E], expert choices over the whole global batch.
+    values: name (see `names`) -> float64 [L], in the order of `layer_numbers`.
+    global_tokens_per_expert: int64 [L, E], expert load over the whole global batch.
     """
 
     layer_numbers: list[int]
@@ -54,9 +63,11 @@ def load_violation(tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
 
 def lbl_value(stats_X: torch.Tensor, topk: int) -> torch.Tensor:
     """LBL of [..., 2E+1] stats [c, s, T], f and P both over the same T: [...] (eq. 2)."""
-    counts_E, probs_sum_E, num_tokens_1 = _split(stats_X)
+    num_experts = (stats_X.shape[-1] - 1) // 2
+    counts_E, probs_sum_E = stats_X[..., :num_experts], stats_X[..., num_experts:-1]
+    num_tokens_1 = stats_X[..., -1:]
     return load_balancing_loss(probs_sum_E, counts_E, num_tokens_1, num_tokens_1, topk,
-                               counts_E.shape[-1], coeff=1.0)
+                               num_experts, coeff=1.0)
 
 
 def step_metrics(routers: Sequence) -> Optional[StepMetrics]:
@@ -64,31 +75,44 @@ def step_metrics(routers: Sequence) -> Optional[StepMetrics]:
 
     A collective: every rank of the pipeline stage calls it after the same step.
     """
-    routers = [router for router in routers if router._megatron_gbl.microbatch_stats]
+    routers = [router for router in routers if router._megatron_gbl.calls]
     if not routers:
         return None
-    stats_LMX = torch.stack([torch.stack(router._megatron_gbl.microbatch_stats)
+    first = routers[0]._megatron_gbl
+    has_lbl, has_bias = first.balancing.lbl_type is not None, first.bias is not None
+    # float64 holds the integer counts exactly: one tensor, two collectives for everything.
+    stats_LMX = torch.stack([_microbatch_stats(router._megatron_gbl, has_lbl, has_bias)
                              for router in routers])
     global_LX = comm.all_reduce_sum(stats_LMX.sum(dim=1), compat.tp_dp_cp_group(routers[0]))
     micro_LMX = comm.all_reduce_sum(stats_LMX, compat.tp_cp_group(routers[0]))
-    topk = routers[0].topk
-    values = {
-        MICRO_LBL: lbl_value(micro_LMX, topk).mean(dim=1),
-        GLOBAL_LBL: lbl_value(global_LX, topk),
-        MICRO_LOAD_VIOLATION: load_violation(_split(micro_LMX)[0]).mean(dim=1),
-        GLOBAL_LOAD_VIOLATION: load_violation(_split(global_LX)[0]),
-        # Stacked where the counts live: no host round trip per layer, and a device tensor for
-        # Megatron's tracker all-reduce on NCCL.
-        BALANCE_BSZ: torch.stack([router._megatron_gbl.balance_tokens().double()
-                                  for router in routers]),
-    }
+    num_experts = routers[0].config.num_moe_experts
+    values = {}
+    if has_lbl:
+        lbl_width = 2 * num_experts + 1
+        values[MICRO_LBL] = lbl_value(micro_LMX[..., :lbl_width], routers[0].topk).mean(dim=1)
+        values[GLOBAL_LBL] = lbl_value(global_LX[..., :lbl_width], routers[0].topk)
+    # The load: the trailing [c, T] with expert bias, else the LBL stats' leading c.
+    load_start = stats_LMX.shape[-1] - num_experts - 1 if has_bias else 0
+    micro_load, global_load = (stats[..., load_start:load_start + num_experts]
+                               for stats in (micro_LMX, global_LX))
+    values[MICRO_LOAD_VIOLATION] = load_violation(micro_load).mean(dim=1)
+    values[GLOBAL_LOAD_VIOLATION] = load_violation(global_load)
+    # Stacked where the counts live: no host round trip per layer, and a device tensor for
+    # Megatron's tracker all-reduce on NCCL.
+    values[BALANCE_BSZ] = torch.stack([router._megatron_gbl.balance_tokens().double()
+                                       for router in routers])
+    if has_bias:
+        values[EXPERT_BIAS_STD] = torch.stack([router.expert_bias.detach().double().std()
+                                               for router in routers])
     return StepMetrics(
         layer_numbers=[router.layer_number for router in routers],
         values=values,
-        global_tokens_per_expert=_split(global_LX)[0].round().long(),
+        global_tokens_per_expert=global_load.round().long(),
     )
 
 
-def _split(stats_X: torch.Tensor):
-    num_experts = (stats_X.shape[-1] - 1) // 2
-    return stats_X[..., :num_experts], stats_X[..., num_experts:-1], stats_X[..., -1:]
+def _microbatch_stats(state, has_lbl: bool, has_bias: bool) -> torch.Tensor:
+    """[M, X] float64: the LBL stats [c, s, T] and/or the dispatched load [c, T] per micro-batch."""
+    parts = ([torch.stack(state.microbatch_stats)] if has_lbl else []) + (
+        [torch.stack(state.load_counts).double()] if has_bias else [])
+    return torch.cat(parts, dim=-1)

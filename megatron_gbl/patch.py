@@ -1,11 +1,14 @@
 """Opt-in, idempotent, reversible patching of Megatron-Core's TopKRouter and schedules.
 
 Patched, each with its original kept in `_ORIGINALS`:
-- `TopKRouter.routing`: upstream routing, then the scoped LBL attached to the returned probs;
-- the TopKRouter method that computes upstream's own LBL (see compat.upstream_lbl_switch):
-  switched off so the loss is never counted twice;
-- the three `forward_backward_*` schedules: start a step (reset the buffers) before running.
-  `get_forward_backward_func()` looks them up at call time, so it returns the wrapped ones.
+- `TopKRouter.routing`: upstream routing, then the scoped LBL attached to the returned probs
+  and the expert load counted for the expert-bias update;
+- the TopKRouter method that computes upstream's own LBL (see compat.upstream_lbl_switch) and
+  finalize_model_grads' expert-bias update: switched off so nothing is counted twice;
+- 0.12-0.13 only: `TopKRouter._load_from_state_dict`, so a loaded expert bias stays fp32;
+- the three `forward_backward_*` schedules: start a step (reset the buffers) before running,
+  finish it (apply the expert-bias updates) after. `get_forward_backward_func()` looks them up
+  at call time, so it returns the wrapped ones.
 """
 
 from __future__ import annotations
@@ -14,68 +17,91 @@ import contextlib
 import functools
 import logging
 import weakref
-from typing import Iterable, Optional, Union
+from typing import Callable, Iterable, Optional, Union
 
 import torch
 from megatron.core.pipeline_parallel import schedules
 from megatron.core.transformer.moe.router import TopKRouter
 
-from megatron_gbl import comm, compat, metrics
-from megatron_gbl.config import Settings, check_sync_group_size, router_lbl
-from megatron_gbl.lbl import BalanceBSZ, RouterState, apply_scoped_lbl
+from megatron_gbl import bias, comm, compat, metrics
+from megatron_gbl.config import Settings, check_sync_group_size, router_balancing
+from megatron_gbl.lbl import (
+    BalanceBSZ, RouterState, apply_scoped_lbl, bias_groups, record_expert_load,
+)
 
 logger = logging.getLogger("megatron_gbl")
 
 _STATE_ATTR = "_megatron_gbl"
-_ORIGINALS: dict[tuple[object, str], object] = {}
-_SETTINGS: Optional[Settings] = None
+_ORIGINALS: dict[tuple[object, str], tuple[object, bool]] = {}  # -> (original, owned by owner)
+_SETTINGS: Optional[Settings] = None  # as enabled, with the scope switch
+_PHASE: Optional[Settings] = None  # in force for the current step
+_NEXT_ITERATION = 0
+_ITERATION_SOURCE: Optional[Callable[[], Optional[int]]] = None  # the trainer's own counter
 _ROUTERS: "weakref.WeakSet[TopKRouter]" = weakref.WeakSet()
 _SYNC_BLOCK_GROUPS: dict[int, object] = {}  # sync_group_size -> this rank's block group
 
 Model = Union[torch.nn.Module, Iterable[torch.nn.Module]]
 
+_NO_STEP_BOUNDARY = (
+    "megatron_gbl: scope={scope!r}{why} needs the optimizer-step boundary: train through "
+    "megatron.core.pipeline_parallel.get_forward_backward_func() (steps are marked "
+    "automatically), or wrap each step of a custom loop in `with megatron_gbl.step(model):` "
+    "(or call megatron_gbl.start_step(model) before and megatron_gbl.finish_step(model) after it)"
+)
+
 
 def enable(scope: str, *, sync_group_size: Optional[int] = None, micro_coeff: float = 0.0,
-           blocking_sync: bool = False, model: Optional[Model] = None):
-    """Make every Megatron-Core TopKRouter compute its load-balancing loss at `scope`.
+           blocking_sync: bool = False, switch_scope: Optional[str] = None,
+           switch_iteration: Optional[int] = None, shuffle_seed: int = 0,
+           model: Optional[Model] = None):
+    """Make every Megatron-Core TopKRouter balance at `scope` (see `Settings`).
 
-    Works before or after the model is built, with the model's own moe_aux_loss_coeff.
-    Passing `model` checks it now (MoE layers present, LBL configured) instead of at the
-    first training step. With `sync_group_size`, call it on every rank after
-    `initialize_model_parallel` (building the balance blocks is a collective).
-    `micro_coeff` adds that weight of micro-batch LBL beside a dp/global one (paper Tab. 5).
-    The count all-reduce overlaps the forward pass unless `blocking_sync` (see Settings).
-    Calling it again replaces the settings; the patches are installed once.
+    Works before or after the model is built, with the model's own moe_aux_loss_coeff and, for
+    auxiliary-loss-free balancing, its moe_router_bias_update_rate. Passing `model` checks it
+    now (MoE layers present, balancing configured) instead of at the first training step. With
+    `sync_group_size`, call it on every rank after `initialize_model_parallel` (building the
+    balance blocks is a collective). `micro_coeff` adds that weight of micro-batch LBL beside a
+    dp/global one (paper Tab. 5); `switch_scope` takes over from iteration `switch_iteration`
+    (Tab. 3). The count all-reduce overlaps the forward pass unless `blocking_sync`. Calling it
+    again replaces the settings; the patches are installed once.
     """
-    global _SETTINGS
-    settings = Settings(scope, sync_group_size, micro_coeff, blocking_sync)
+    global _SETTINGS, _PHASE
+    settings = Settings(scope, sync_group_size, micro_coeff, blocking_sync, switch_scope,
+                        switch_iteration, shuffle_seed)
     was_enabled = is_enabled()
     try:
         if settings.sync_group_size is not None and compat.model_parallel_ready():
             _sync_block_group(settings.sync_group_size, build=True)
         if model is not None:
-            _routers_of(model)
+            for router in _routers_of(model):
+                router_balancing(router.config, settings)
     except Exception:
         if not was_enabled:
             disable()  # a rejected enable leaves upstream untouched
         raise
     _SETTINGS = settings
+    _PHASE = settings.at(_NEXT_ITERATION)
     _install()
-    logger.info("megatron_gbl: load-balancing loss scope=%s sync_group_size=%s micro_coeff=%s",
-                settings.scope, settings.sync_group_size, settings.micro_coeff)
+    logger.info("megatron_gbl: load-balancing scope=%s sync_group_size=%s micro_coeff=%s "
+                "switch=%s@%s", settings.scope, settings.sync_group_size, settings.micro_coeff,
+                settings.switch_scope, settings.switch_iteration)
 
 
 def disable() -> None:
     """Restore every patched Megatron symbol and drop all plugin state: upstream exactly."""
-    global _SETTINGS
-    for (owner, name), original in _ORIGINALS.items():
-        setattr(owner, name, original)
+    global _SETTINGS, _PHASE, _NEXT_ITERATION, _ITERATION_SOURCE
+    for (owner, name), (original, owned) in _ORIGINALS.items():
+        if owned:
+            setattr(owner, name, original)
+        else:
+            delattr(owner, name)  # it was inherited: inherit it again
     _ORIGINALS.clear()
     for router in list(_ROUTERS):
         delattr(router, _STATE_ATTR)
     _ROUTERS.clear()
     _SYNC_BLOCK_GROUPS.clear()
-    _SETTINGS = None
+    _SETTINGS = _PHASE = _ITERATION_SOURCE = None
+    _NEXT_ITERATION = 0
 
 
 @contextlib.contextmanager
@@ -92,19 +118,89 @@ def is_enabled() -> bool:
     return _SETTINGS is not None
 
 
-def start_step(model: Model, num_microbatches: Optional[int] = None) -> None:
+def set_iteration(iteration: int, source: Optional[Callable[[], Optional[int]]] = None) -> None:
+    """The 0-based index of the next training step (for the scope switch), e.g. after resuming
+    a run; `source`, if given, is asked first at every step (Megatron-LM's curr_iteration)."""
+    global _NEXT_ITERATION, _ITERATION_SOURCE
+    _NEXT_ITERATION, _ITERATION_SOURCE = iteration, source
+
+
+def start_step(model: Model, num_microbatches: Optional[int] = None,
+               iteration: Optional[int] = None) -> None:
     """Begin an optimizer step: empty every router's buffer (paper Alg. 1 line 8).
 
     Megatron-Core's schedules call this themselves once the plugin is enabled; custom training
-    loops call it before each step's first micro-batch, on every rank. `num_microbatches`
-    lets the buffer reject a micro-batch that would be counted twice.
+    loops call it before each step's first micro-batch, on every rank (or use `step`).
+    `num_microbatches` lets the routers reject a micro-batch that would be counted twice;
+    `iteration` (default: one more than the last step) decides the scope switch.
     """
-    if _SETTINGS is None:
-        raise RuntimeError("megatron_gbl.start_step: call megatron_gbl.enable(scope) first")
+    global _PHASE, _NEXT_ITERATION
+    _require_enabled("start_step")
+    if iteration is None and _ITERATION_SOURCE is not None:
+        iteration = _ITERATION_SOURCE()
+    if iteration is None:
+        iteration = _NEXT_ITERATION
+    phase = _SETTINGS.at(iteration)
+    if phase.scope != _PHASE.scope:
+        logger.info("megatron_gbl: iteration %d: load-balancing scope %s -> %s", iteration,
+                    _PHASE.scope, phase.scope)
+    _PHASE, _NEXT_ITERATION = phase, iteration + 1
     if _SETTINGS.sync_group_size is not None:
         _sync_block_group(_SETTINGS.sync_group_size, build=True)
-    for router in _routers_of(model):
+    routers = _routers_of(model)
+    if any(router._megatron_gbl.bias is not None and router._megatron_gbl.bias.open
+           and router._megatron_gbl.bias.recorded for router in routers):
+        raise RuntimeError(
+            "megatron_gbl: the previous step counted expert load for the expert-bias update but "
+            "was never finished: call megatron_gbl.finish_step(model) after a step's last "
+            "backward (or discard_step(model) after a failed one), or use `with "
+            "megatron_gbl.step(model):`"
+        )
+    for router in routers:
         router._megatron_gbl.start_step(num_microbatches)
+        compat.reset_upstream_expert_load(router)
+
+
+def finish_step(model: Model) -> None:
+    """End an optimizer step after its last backward: apply the expert-bias updates.
+
+    Megatron-Core's schedules call this themselves; custom loops call it on every rank (a
+    collective with expert bias at global scope), before the optimizer step, or use `step`.
+    """
+    _require_enabled("finish_step")
+    routers = [router for router in _routers_of(model)
+               if router._megatron_gbl.bias is not None and router._megatron_gbl.bias.open]
+    for router in routers:
+        router._megatron_gbl.bias.apply_pending(router.expert_bias)
+    if routers and _PHASE.scope == "global":
+        bias.step_update([router.expert_bias for router in routers],
+                         [router._megatron_gbl.bias for router in routers],
+                         *bias_groups(routers[0], _PHASE, _sync_group(routers[0], _PHASE)))
+    for router in routers:
+        router._megatron_gbl.bias.close_step()
+
+
+def discard_step(model: Model) -> None:
+    """End a step that failed: nothing it counted reaches the next step or the expert bias."""
+    _require_enabled("discard_step")
+    for router in _routers_of(model):
+        if router._megatron_gbl.bias is not None:
+            router._megatron_gbl.bias.close_step()
+
+
+@contextlib.contextmanager
+def step(model: Model, num_microbatches: Optional[int] = None,
+         iteration: Optional[int] = None):
+    """`with megatron_gbl.step(model, num_microbatches):` around one optimizer step's forward
+    and backward passes in a custom loop: start_step, then finish_step, or discard_step if the
+    step raises."""
+    start_step(model, num_microbatches, iteration)
+    try:
+        yield
+    except BaseException:
+        discard_step(model)
+        raise
+    finish_step(model)
 
 
 def routers(model: Optional[Model] = None) -> list[TopKRouter]:
@@ -115,7 +211,8 @@ def routers(model: Optional[Model] = None) -> list[TopKRouter]:
 
 
 def step_metrics(model: Optional[Model] = None) -> Optional[metrics.StepMetrics]:
-    """Micro- and global-batch LBL, load violation and Balance BSZ of the last training step.
+    """Micro- and global-batch LBL, load violation, expert bias and Balance BSZ of the last
+    training step.
 
     No gradient; one collective over TP x CP and one over TP x DP x CP for all layers, so call
     it on every rank after the step (Megatron-LM's logging does, via megatron_gbl.launch).
@@ -124,12 +221,16 @@ def step_metrics(model: Optional[Model] = None) -> Optional[metrics.StepMetrics]
 
 
 def balance_bsz(model: Model) -> dict[int, BalanceBSZ]:
-    """Per layer number: the tokens and sequences f_i was computed over at the last call."""
-    return {
-        router.layer_number: router._megatron_gbl.balance_bsz
-        for router in _routers_of(model)
-        if router._megatron_gbl.balance_bsz is not None
-    }
+    """Per layer number: the tokens and sequences f_i (or the expert load) was computed over at
+    the last call."""
+    sizes = {router.layer_number: router._megatron_gbl.balance_bsz
+             for router in _routers_of(model)}
+    return {layer: size for layer, size in sizes.items() if size is not None}
+
+
+def _require_enabled(name: str) -> None:
+    if _SETTINGS is None:
+        raise RuntimeError(f"megatron_gbl.{name}: call megatron_gbl.enable(scope) first")
 
 
 def _routers_of(model: Model) -> list[TopKRouter]:
@@ -148,8 +249,7 @@ def _routers_of(model: Model) -> list[TopKRouter]:
 def _state(router: TopKRouter) -> RouterState:
     state = getattr(router, _STATE_ATTR, None)
     if state is None:
-        lbl_type, coeff = router_lbl(router.config)
-        state = RouterState(lbl_type, coeff)
+        state = RouterState(router_balancing(router.config, _SETTINGS))
         setattr(router, _STATE_ATTR, state)
         _ROUTERS.add(router)
     return state
@@ -181,20 +281,39 @@ def _sync_group(router: TopKRouter, settings: Settings):
 
 
 def _routing(original, self, logits, *args, **kwargs):
+    phase = _PHASE
+    # Same guard as upstream: nothing is counted in eval or in the no-grad first pass of
+    # recompute. That pass still takes the last micro-batch's bias update, to route as its
+    # replay will.
+    if phase is None or not self.training:
+        return original(self, logits, *args, **kwargs)
+    state = _state(self)
+    counting = torch.is_grad_enabled()
+    if counting:
+        if not state.started and (_SETTINGS.needs_step_boundary or state.bias is not None):
+            why = "" if _SETTINGS.needs_step_boundary else " with expert bias"
+            raise RuntimeError(_NO_STEP_BOUNDARY.format(scope=phase.scope, why=why))
+        state.count_call()
+    if state.bias is not None:
+        state.bias.apply_pending(self.expert_bias)
     probs, routing_map = original(self, logits, *args, **kwargs)
-    # Same guard as upstream: no LBL in eval or in the no-grad first pass of recompute.
-    if _SETTINGS is not None and self.training and torch.is_grad_enabled():
-        probs = apply_scoped_lbl(
-            self, _state(self), _SETTINGS, _sync_group(self, _SETTINGS), logits, probs,
-            compat.padding_mask_from_call(args, kwargs),
-        )
+    if not counting:
+        return probs, routing_map
+    padding_mask = compat.padding_mask_from_call(args, kwargs)
+    sync_group = _sync_group(self, phase)
+    if state.balancing.lbl_type is not None:
+        probs = apply_scoped_lbl(self, state, phase, sync_group, logits, probs, padding_mask)
+    if state.bias is not None and not compat.expert_bias_frozen(self):
+        record_expert_load(self, state, phase, sync_group, routing_map, padding_mask,
+                           bsz=logits.shape[1])
     return probs, routing_map
 
 
 def _schedule(original, *args, **kwargs):
-    if _SETTINGS is not None and not kwargs.get("forward_only", False):
-        start_step(kwargs["model"], kwargs.get("num_microbatches"))
-    return original(*args, **kwargs)
+    if _SETTINGS is None or kwargs.get("forward_only", False):
+        return original(*args, **kwargs)
+    with step(kwargs["model"], kwargs.get("num_microbatches")):
+        return original(*args, **kwargs)
 
 
 def _install() -> None:
@@ -202,6 +321,11 @@ def _install() -> None:
     replace(TopKRouter, "routing", lambda original: functools.wraps(original)(
         lambda self, logits, *a, **k: _routing(original, self, logits, *a, **k)))
     replace(TopKRouter, switch_name, lambda original: switch)
+    owner, name, bias_switch = compat.upstream_bias_update_switch()
+    replace(owner, name, lambda original: bias_switch)
+    fp32_on_load = compat.fp32_bias_on_load()
+    if fp32_on_load is not None:
+        replace(TopKRouter, *fp32_on_load)
     for name in compat.SCHEDULE_FUNCTIONS:
         replace(schedules, name, lambda original: functools.wraps(original)(
             lambda *a, **k: _schedule(original, *a, **k)))
@@ -214,5 +338,6 @@ def replace(owner, name: str, make_replacement) -> None:
     original = getattr(owner, name)
     replacement = make_replacement(original)
     replacement.__wrapped__ = original
-    _ORIGINALS[(owner, name)] = original
+    owned = name in getattr(owner, "__dict__", {})
+    _ORIGINALS[(owner, name)] = (original, owned)
     setattr(owner, name, replacement)

@@ -92,3 +92,55 @@ def grad_of(loss_fn, weight_EH: torch.Tensor) -> torch.Tensor:
     weight = weight_EH.detach().double().requires_grad_()
     loss_fn(weight).backward()
     return weight.grad
+
+
+def biased_routing(weight_EH, x_NH, bias_E, topk: int):
+    """Sigmoid gating with expert bias (Wang et al. 2024): top-k of sigmoid(x W^T) + b picks the
+    experts; the gate weights are the unbiased scores of those experts, normalised to sum 1.
+
+    Returns (routing map bool [N, E], gate weights float64 [N, E]).
+    """
+    scores_NE = torch.sigmoid(x_NH.double() @ weight_EH.double().t())
+    chosen_NK = (scores_NE + bias_E.double()).topk(topk, dim=-1).indices
+    map_NE = torch.zeros_like(scores_NE, dtype=torch.bool).scatter(1, chosen_NK, True)
+    picked_NK = scores_NE.gather(1, chosen_NK)
+    gates_NE = torch.zeros_like(scores_NE).scatter(1, chosen_NK,
+                                                   picked_NK / picked_NK.sum(-1, keepdim=True))
+    return map_NE, gates_NE
+
+
+def aux_free_run(weight_EH, hidden_steps, topk: int, rate: float, scope: str,
+                 blocks: Optional[Sequence[Sequence[int]]] = None):
+    """Auxiliary-loss-free balancing at `scope`: (fp32 bias after every step, bias every
+    micro-batch was routed with [step][k]).
+
+    hidden_steps[s][k][r]: rank r's micro-batch k of step s, [S, B, H]. The update, after every
+    micro-batch (micro, dp) or step (global):  b += u * mean over groups g of
+    sign(mean_j c_gj - c_gi), with g one rank (micro), or each block of ranks (dp, global;
+    default: all ranks).
+    """
+    bias_E = torch.zeros(weight_EH.shape[0], dtype=torch.float32)
+    world = range(len(hidden_steps[0][0]))
+    groups = [[r] for r in world] if scope == "micro" else (blocks or [list(world)])
+
+    def update(counts_RE):
+        signs = [torch.sign(c.mean() - c) for c in
+                 (sum(counts_RE[r] for r in group) for group in groups)]
+        return (rate * torch.stack(signs).mean(0)).float()
+
+    after_steps, routed_with = [], []
+    for step in hidden_steps:
+        step_counts = [0] * len(world)
+        routed_with.append([])
+        for ranks in step:
+            routed_with[-1].append(bias_E.clone())
+            counts = [biased_routing(weight_EH, h.reshape(-1, h.shape[-1]), bias_E, topk)[0]
+                      .double().sum(0) for h in ranks]
+            if scope == "global":
+                step_counts = [s + c for s, c in zip(step_counts, counts)]
+            else:
+                bias_E = bias_E + update(counts)
+        if scope == "global":
+            bias_E = bias_E + update(step_counts)
+        after_steps.append(bias_E.clone())
+    return after_steps, routed_with

@@ -65,19 +65,19 @@ def test_bad_settings_fail_at_enable(kwargs, words):
     (dict(moe_aux_loss_coeff=-1e-3), ["moe_aux_loss_coeff=-0.001"]),
 ])
 def test_router_config_errors(overrides, words):
-    from megatron_gbl.config import router_lbl
+    from megatron_gbl.config import router_balancing
 
     with pytest.raises(ValueError) as info:
-        router_lbl(moe_config(**overrides))
+        router_balancing(moe_config(**overrides))
     assert all(word in str(info.value) for word in words), str(info.value)
 
 
 def test_router_config_takes_the_users_type_and_coefficient():
-    from megatron_gbl.config import router_lbl
+    from megatron_gbl.config import Balancing, router_balancing
 
-    assert router_lbl(moe_config(moe_aux_loss_coeff=3e-3)) == ("aux_loss", 3e-3)
-    assert router_lbl(moe_config(moe_router_load_balancing_type="seq_aux_loss")) == (
-        "seq_aux_loss", 1e-2)
+    assert router_balancing(moe_config(moe_aux_loss_coeff=3e-3)) == Balancing("aux_loss", 3e-3, None)
+    assert router_balancing(moe_config(moe_router_load_balancing_type="seq_aux_loss")) == \
+        Balancing("seq_aux_loss", 1e-2, None)
 
 
 def test_errors_in_a_real_data_parallel_run():

@@ -6,6 +6,9 @@ generated from one seed so the parent process can build the single-process refer
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+
 import torch
 import torch.distributed as dist
 
@@ -44,7 +47,9 @@ def router_steps(rank: int, world_size: int, spec: dict) -> dict:
     enable_first = spec.get("enable_before_build", False)
     settings = dict(sync_group_size=spec.get("sync_group_size"),
                     micro_coeff=spec.get("micro_coeff", 0.0),
-                    blocking_sync=spec.get("blocking_sync", False))
+                    blocking_sync=spec.get("blocking_sync", False),
+                    switch_scope=spec.get("switch_scope"),
+                    switch_iteration=spec.get("switch_iteration"))
     if spec["scope"] is not None and enable_first:
         megatron_gbl.enable(spec["scope"], **settings)
     config = harness.moe_config(moe_router_load_balancing_type=spec["lbl_type"],
@@ -55,6 +60,7 @@ def router_steps(rank: int, world_size: int, spec: dict) -> dict:
         megatron_gbl.enable(spec["scope"], **settings)
     tracker = compat.aux_losses_tracker()
     tracker.clear()
+    draws = _record_shuffle_draws() if spec["scope"] == "shuffle" else []
     microbatches = spec["microbatches"]
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / microbatches))
     seen = []
@@ -82,7 +88,26 @@ def router_steps(rank: int, world_size: int, spec: dict) -> dict:
     logged = {name: entry["values"].clone() for name, entry in tracker.items()}
     return {"grad": grad, "weight": router.weight.detach().clone(), "seen": seen, "logged": logged,
             "metrics": None if step is None else step.values,
-            "global_tokens_per_expert": None if step is None else step.global_tokens_per_expert}
+            "global_tokens_per_expert": None if step is None else step.global_tokens_per_expert,
+            "draws": draws}
+
+
+def _record_shuffle_draws() -> list:
+    """Spy on the plugin's shuffle draws for this run: [{sample_size, drawn [N], counts [E]}]."""
+    from megatron_gbl import lbl
+
+    draws = []
+    draw = getattr(lbl.draw_shuffled_counts, "__wrapped__", lbl.draw_shuffled_counts)
+
+    def recorded(choices_NK, sample_size, num_experts, generator):
+        counts_E, drawn_N = draw(choices_NK, sample_size, num_experts, generator)
+        draws.append({"sample_size": int(sample_size), "drawn": drawn_N.clone(),
+                      "counts": counts_E.clone()})
+        return counts_E, drawn_N
+
+    recorded.__wrapped__ = draw
+    lbl.draw_shuffled_counts = recorded
+    return draws
 
 
 def router_runs(rank: int, world_size: int, specs: list) -> list:
@@ -226,3 +251,126 @@ def bad_input_messages(rank: int, world_size: int) -> dict:
     router(torch.randn(4, 2, model.config.hidden_size))
     capture("counted twice", lambda: router(torch.randn(4, 2, model.config.hidden_size)))
     return messages
+
+
+def bias_router_steps(rank: int, world_size: int, spec: dict) -> dict:
+    """Train-mode calls of one real sigmoid TopKRouter with expert bias (aux-loss-free).
+
+    spec: scope (None = upstream's own once-per-step update through finalize_model_grads),
+    microbatches, steps, seed, rate, sync_group_size, lbl_coeff (0: no LBL).
+    Returns the expert bias after every step and, per call, the routing map and probs.
+    """
+    finalize = importlib.import_module("megatron.core.distributed.finalize_model_grads")
+    if not harness.model_parallel_initialized():
+        harness.init_model_parallel()
+    config = harness.moe_config(
+        moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+        moe_router_bias_update_rate=spec["rate"],
+        moe_router_load_balancing_type="aux_loss" if spec.get("lbl_coeff") else "none",
+        moe_aux_loss_coeff=spec.get("lbl_coeff", 0.0))
+    model = harness.build_gpt_moe(config)
+    router = harness.routers_of(model)[0]
+    if spec["scope"] is not None:
+        megatron_gbl.enable(spec["scope"], sync_group_size=spec.get("sync_group_size"),
+                            model=model)
+    biases, calls = [], []
+    for step in range(spec["steps"]):
+        hidden, _ = make_hidden(spec["seed"] + step, spec["microbatches"], world_size,
+                                config.hidden_size, padded=False)
+        with (megatron_gbl.step(model, spec["microbatches"]) if spec["scope"] is not None
+              else contextlib.nullcontext()):
+            for k in range(spec["microbatches"]):
+                probs, routing_map = router(hidden[k][rank])
+                (probs * 0).sum().backward()
+                calls.append({"routing_map": routing_map.clone(), "probs": probs.detach().clone()})
+        if spec["scope"] is None:
+            finalize._update_router_expert_bias([model], config)
+            router.local_tokens_per_expert.zero_()  # as finalize_model_grads does (0.15+)
+        biases.append(router.expert_bias.detach().clone())
+    step_values = megatron_gbl.step_metrics(model).values if spec["scope"] else None
+    balance = megatron_gbl.balance_bsz(model).get(router.layer_number) if spec["scope"] else None
+    megatron_gbl.disable()
+    return {"biases": biases, "calls": calls, "weight": router.weight.detach().clone(),
+            "metrics": step_values, "balance": balance}
+
+
+def bias_router_runs(rank: int, world_size: int, specs: list) -> list:
+    return [bias_router_steps(rank, world_size, spec) for spec in specs]
+
+
+
+AUX_FREE = dict(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+                moe_router_bias_update_rate=1e-2, moe_router_load_balancing_type="none",
+                moe_aux_loss_coeff=0.0)
+
+
+def _train(model, optimizer, step_seeds, spec, rank, world_size) -> None:
+    """Optimizer steps through get_forward_backward_func, DP-averaged gradients, as DDP does."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    position_ids = torch.arange(spec["seq"]).unsqueeze(0).expand(spec["bsz"], -1)
+
+    def forward_step(data_iterator, model):
+        tokens = next(data_iterator)
+        output = model(tokens, position_ids, None, labels=tokens)
+        return output, lambda output_tensor: (output_tensor.float().mean(), {})
+
+    for seed in step_seeds:
+        data = make_tokens(seed, spec["microbatches"], world_size, spec["seq"], spec["bsz"], 64)
+        model.zero_grad(set_to_none=True)
+        get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter([d[rank] for d in data]),
+            model=model, num_microbatches=spec["microbatches"], seq_length=spec["seq"],
+            micro_batch_size=spec["bsz"], forward_only=False)
+        for param in model.parameters():
+            if param.grad is not None:
+                dist.all_reduce(param.grad, op=dist.ReduceOp.AVG)
+        optimizer.step()
+
+
+def resume_run(rank: int, world_size: int, spec: dict) -> dict:
+    """The same training run twice: uninterrupted, and saved after `first` steps then resumed
+    in a freshly built model (other initial weights) with a fresh plugin, as after a restart.
+
+    spec: scope, config overrides, steps, first, microbatches, seq, bsz, ckpt_dir.
+    Returns both runs' final state dicts and what the resumed model held right after loading.
+    """
+    import os
+
+    if not harness.model_parallel_initialized():
+        harness.init_model_parallel()
+    config = harness.moe_config(**spec["config"])
+    seeds = [100 + s for s in range(spec["steps"])]
+
+    def fresh(init_seed):
+        model = harness.build_gpt_moe(config, vocab_size=64, max_sequence_length=spec["seq"],
+                                      seed=init_seed)
+        megatron_gbl.enable(spec["scope"], model=model)
+        return model, torch.optim.Adam(model.parameters(), lr=1e-2)
+
+    model, optimizer = fresh(0)
+    _train(model, optimizer, seeds, spec, rank, world_size)
+    uninterrupted = _tensors(model.state_dict())
+    megatron_gbl.disable()
+
+    model, optimizer = fresh(0)
+    _train(model, optimizer, seeds[:spec["first"]], spec, rank, world_size)
+    path = os.path.join(spec["ckpt_dir"], f"rank{rank}.pt")
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, path)
+    saved_bias = [r.expert_bias.clone() for r in harness.routers_of(model)]
+    megatron_gbl.disable()
+
+    model, optimizer = fresh(1)  # other weights: only the checkpoint can make them equal
+    checkpoint = torch.load(path, weights_only=False)
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    loaded_bias = [r.expert_bias.clone() for r in harness.routers_of(model)]
+    _train(model, optimizer, seeds[spec["first"]:], spec, rank, world_size)
+    resumed = _tensors(model.state_dict())
+    megatron_gbl.disable()
+    return {"uninterrupted": uninterrupted, "resumed": resumed, "saved_bias": saved_bias,
+            "loaded_bias": loaded_bias}
+
+
+def _tensors(state_dict: dict) -> dict:
+    return {k: v.clone() for k, v in state_dict.items() if isinstance(v, torch.Tensor)}

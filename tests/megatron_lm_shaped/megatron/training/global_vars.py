@@ -1,1 +1,5 @@
 ARGS = None
+
+
+def get_args():
+    return ARGS

@@ -43,6 +43,7 @@ def pretrain():
         return output, lambda output_tensor: (output_tensor.float().mean(), {})
 
     for iteration in range(1, args.train_iters + 1):
+        args.curr_iteration = iteration - 1  # as Megatron-LM's train() sets it, 0-based
         gen = torch.Generator().manual_seed(1000 * iteration + dp_rank)
         batches = [torch.randint(0, VOCAB, (args.micro_batch_size, args.seq_length), generator=gen)
                    for _ in range(num_microbatches)]

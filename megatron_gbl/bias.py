@@ -1,0 +1,129 @@
+"""Auxiliary-loss-free balancing (Wang et al. 2024, arXiv 2408.15664) with a balance scope.
+
+Megatron-Core's router adds a per-expert bias b (fp32) to the scores for top-k selection only;
+the gate weights stay the unbiased scores. After each update period the plugin nudges it:
+
+    b_i += u * mean_g sign(mean_j c_gj - c_gi)          (Wang et al. Alg. 1, eq. 3-4)
+
+c_g: expert choices (the dispatched routing map, valid tokens only) of balance group g, u:
+moe_router_bias_update_rate. The scope sets the period and the groups:
+
+    micro   every micro-batch; g = one data-parallel replica's micro-batch (counts over TP x CP)
+    dp      every micro-batch; g = the micro-batch of a balance block (or of all replicas)
+    global  once per step; g = the step's global batch: Megatron-Core's own update
+            (finalize_model_grads._update_router_expert_bias), counts all-reduced over TP x DP x CP
+
+Averaging the sign over the groups keeps b identical on every replica, as eq. 3 of Qiu et al.
+averages the micro-batch LBL over parallel groups; with one group it is the plain sign.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from megatron_gbl import comm
+
+
+def load_error_sign(tokens_per_expert_XE: torch.Tensor) -> torch.Tensor:
+    """sign(mean_j c_j - c_i) over the last axis: +1 underloaded, -1 overloaded; float64 [..., E].
+
+    Counts are int64 (or float64 holding integers): the mean is exact, so an expert exactly at
+    the mean gets 0, as in Megatron's get_updated_expert_bias.
+    """
+    counts_XE = tokens_per_expert_XE.double()
+    return torch.sign(counts_XE.mean(dim=-1, keepdim=True) - counts_XE)
+
+
+def bias_update(sign_sum_XE: torch.Tensor, num_groups: int, rate: float) -> torch.Tensor:
+    """u * mean_g sign_g from the sum of the groups' signs: float64 [..., E]."""
+    return sign_sum_XE * (rate / num_groups)
+
+
+class ExpertBiasUpdater:
+    """The expert-bias update of one router at the scope in force.
+
+    micro/dp: `record` issues the micro-batch's count sum over the balance group; the update
+    is applied by `apply_pending`, before the router's next routing (the next micro-batch) or at
+    the end of the step, so the sum overlaps the rest of the micro-batch.
+    global: `record` adds the micro-batch's local counts to the step's; `step_update` of all
+    routers of the stage runs once per step.
+    """
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.step_counts: Optional[torch.Tensor] = None  # int64 [E+1], local, global scope
+        self._pending = None  # (PendingSum of [c (E), T], balance group size, average group)
+        self.open = False  # a step is under way: started, not yet finished or discarded
+        self.balance_tokens: Optional[torch.Tensor] = None  # tokens of the last update's counts
+
+    def start_step(self) -> None:
+        self.step_counts = None
+        self._pending = None
+        self.open = True
+
+    def close_step(self) -> None:
+        """End the step without applying anything more (finished, or discarded after a fault)."""
+        self.step_counts = None
+        self._pending = None
+        self.open = False
+
+    @property
+    def recorded(self) -> bool:
+        return self.step_counts is not None or self._pending is not None
+
+    def record(self, local_counts: torch.Tensor, scope: str, balance_group, average_group,
+               blocking: bool) -> None:
+        """Take this micro-batch's local counts [c (E), T] (int64) at `scope`."""
+        if scope == "global":
+            self.step_counts = local_counts if self.step_counts is None \
+                else self.step_counts + local_counts
+            return
+        self._pending = (comm.PendingSum(local_counts.clone(), balance_group, blocking),
+                         average_group)
+
+    def apply_pending(self, expert_bias: torch.Tensor) -> None:
+        """Apply the last micro-batch's update (micro/dp), if one is waiting."""
+        if self._pending is None:
+            return
+        synced, average_group = self._pending
+        self._pending = None
+        counts = synced.wait()
+        self.balance_tokens = counts[-1]
+        sign_E = load_error_sign(counts[:-1])
+        apply_update(expert_bias, *_average_signs(sign_E, average_group), self.rate)
+
+
+def step_update(expert_biases: Sequence[torch.Tensor], updaters: Sequence[ExpertBiasUpdater],
+                balance_group, average_group) -> None:
+    """Global scope: one update of every router of the stage from the step's counts.
+
+    One all-reduce of the stacked [L, E+1] counts over the balance group, one over
+    `average_group` when the balance group is a block of it.
+    """
+    counted = [(bias, updater) for bias, updater in zip(expert_biases, updaters)
+               if updater.step_counts is not None]
+    if not counted:
+        return
+    counts_LX = comm.all_reduce_sum(torch.stack([updater.step_counts for _, updater in counted]),
+                                    balance_group)
+    sign_sum_LE, num_groups = _average_signs(load_error_sign(counts_LX[:, :-1]), average_group)
+    for (bias, updater), sign_sum_E, counts_X in zip(counted, sign_sum_LE, counts_LX):
+        apply_update(bias, sign_sum_E, num_groups, updater.rate)
+        updater.balance_tokens = counts_X[-1]
+
+
+def apply_update(expert_bias: torch.Tensor, sign_sum_E: torch.Tensor, num_groups: int,
+                 rate: float) -> None:
+    with torch.no_grad():
+        expert_bias.add_(bias_update(sign_sum_E, num_groups, rate).to(expert_bias.dtype))
+
+
+def _average_signs(sign_XE: torch.Tensor, average_group) -> tuple[torch.Tensor, int]:
+    """(Σ_g sign_g, number of groups): every rank of a group holds the same sign, so the sum
+    over the ranks of `average_group` (None: one group) counts each group that many times."""
+    if average_group is None:
+        return sign_XE, 1
+    ranks = torch.distributed.get_world_size(average_group)
+    return comm.all_reduce_sum(sign_XE, average_group), ranks
