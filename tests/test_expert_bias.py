@@ -114,3 +114,24 @@ def test_checkpoint_round_trip_continues_identically(tmp_path):
         assert biased
         for name, value in result["uninterrupted"].items():
             assert torch.equal(result["resumed"][name], value), name
+
+
+def test_bf16_model_expert_load_exact():
+    # Upstream counts the expert-bias load in a float buffer that Float16Module-style casting
+    # (model.bfloat16()) turns into bf16 (Megatron-LM PR 7081); the plugin counts int64.
+    bf16 = dict(workers.AUX_FREE, bf16=True, params_dtype=torch.bfloat16)
+    run = dict(microbatches=8, step_seeds=[5], seq=128, bsz=4, config=bf16)
+    ours, upstream = run_gloo(workers.model_runs, 2,
+                              [dict(run, scope="global"), dict(run, scope=None)])[0]
+    choices = TOPK * 8 * 128 * 4  # this rank's micro-batches x seq x bsz, top-2
+    for buffer in ours["buffers"]:
+        assert buffer["dtype"] == torch.int64
+        assert int(buffer["tokens_per_expert"].sum()) == choices
+        assert buffer["tokens_per_expert"].max() > 256  # beyond bf16's exact integers
+    exact = ours["buffers"][0]["tokens_per_expert"]  # same data, same routing: bias is 0
+    upstream_load = upstream["buffers"][0]["tokens_per_expert"]
+    error = (upstream_load.double() - exact.double()).abs().max()
+    print(f"\nbf16 model, {choices} expert choices per rank: megatron_gbl load int64, exact; "
+          f"upstream local_tokens_per_expert is {upstream_load.dtype}, off by up to "
+          f"{float(error):.0f} choices per expert (max count {int(exact.max())})")
+    assert upstream_load.dtype == torch.bfloat16 and error > 0

@@ -40,6 +40,11 @@ def test_flags_parse_with_defaults_that_leave_megatron_untouched():
     megatron_lm.configure(parse([]))  # no scope: nothing to check, nothing enabled
 
 
+AUX_FREE = dict(moe_router_enable_expert_bias=True, moe_router_bias_update_rate=1e-3,
+                moe_router_score_function="sigmoid", moe_router_load_balancing_type="none",
+                moe_aux_loss_coeff=0.0)
+
+
 def validated_args(**overrides):
     """What Megatron-LM's validate_args leaves for a typical MoE run at data-parallel size 4."""
     args = parse(["--moe-lbl-scope", "global"])
@@ -75,6 +80,26 @@ BAD = {
                                     ["--moe-lbl-histogram-interval", ">= 0"]),
     "alltoall_seq": (dict(moe_token_dispatcher_type="alltoall_seq"),
                      ["--moe-token-dispatcher-type", "'alltoall'"]),
+    "switch without scope": (dict(moe_lbl_scope=None, moe_lbl_switch_scope="global",
+                                  moe_lbl_switch_iteration=10),
+                             ["--moe-lbl-switch-scope", "needs --moe-lbl-scope"]),
+    "switch scope without iteration": (dict(moe_lbl_scope="micro", moe_lbl_switch_scope="global"),
+                                       ["--moe-lbl-switch-scope", "--moe-lbl-switch-iteration"]),
+    "switch at iteration 0": (dict(moe_lbl_scope="micro", moe_lbl_switch_scope="global",
+                                   moe_lbl_switch_iteration=0),
+                              ["--moe-lbl-switch-iteration", ">= 1"]),
+    "switch to the same scope": (dict(moe_lbl_switch_scope="global", moe_lbl_switch_iteration=5),
+                                 ["--moe-lbl-switch-scope", "already the scope"]),
+    "expert bias at seq scope": (dict(AUX_FREE, moe_lbl_scope="seq"),
+                                 ["'seq'", "expert-bias", "micro, dp, global"]),
+    "expert bias switching to shuffle": (dict(AUX_FREE, moe_lbl_scope="micro",
+                                              moe_lbl_switch_scope="shuffle",
+                                              moe_lbl_switch_iteration=5),
+                                         ["'shuffle'", "--moe-lbl-switch-scope"]),
+    "per-micro-batch bias with PP and recompute": (
+        dict(AUX_FREE, moe_lbl_scope="micro", pipeline_model_parallel_size=2,
+             recompute_granularity="full"),
+        ["--pipeline-model-parallel-size", "--recompute-granularity", "scope 'global'"]),
 }
 
 
@@ -144,6 +169,24 @@ def test_launcher_enables_plugin_and_logs_the_megatron_way(tmp_path):
     # No --moe-lbl-scope: Megatron untouched, no plugin metrics.
     plain, _ = run_shaped(tmp_path, "plain", [], 8)
     assert "load_balancing_loss" in plain and "global_batch_lbl" not in plain
+
+
+def test_launcher_aux_free_and_scope_switch(tmp_path):
+    # Aux-loss-free at global scope: no LBL names, the bias and the load violation logged.
+    aux_free, _ = run_shaped(tmp_path, "auxfree", [
+        "--moe-lbl-scope", "global", "--moe-router-score-function", "sigmoid",
+        "--moe-router-enable-expert-bias", "--moe-router-bias-update-rate", "1e-2",
+        "--moe-router-load-balancing-type", "none", "--moe-aux-loss-coeff", "0"], 8)
+    assert set(metrics.names(has_lbl=False, has_expert_bias=True)) <= set(aux_free)
+    assert not {"load_balancing_loss", metrics.MICRO_LBL, metrics.GLOBAL_LBL} & set(aux_free)
+    assert all(std > 0 for std in aux_free[metrics.EXPERT_BIAS_STD])  # updated every step
+    assert aux_free["balance_bsz_tokens"] == [8 * 8] * 2
+
+    # micro for one iteration, then global (2 micro-batches per rank at DP 4).
+    switched, _ = run_shaped(tmp_path, "switch", [
+        "--moe-lbl-scope", "micro", "--moe-lbl-switch-scope", "global",
+        "--moe-lbl-switch-iteration", "1"], 16)
+    assert switched["balance_bsz_tokens"] == [2 * 8, 16 * 8]
 
 
 def test_launcher_errors_before_training(tmp_path):

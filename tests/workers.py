@@ -170,16 +170,25 @@ def model_steps(rank: int, world_size: int, spec: dict) -> dict:
             grads[name] = grad
     buffers = []
     for router in routers:
-        if spec["scope"] is not None:
-            buf = router._megatron_gbl.buffer
+        state = getattr(router, "_megatron_gbl", None)
+        if state is not None and state.balancing.lbl_type is not None:
+            buf = state.buffer
             tokens_per_expert, num_tokens = buf.prefix(buf.num_microbatches - 1)
             buffers.append({"microbatches": buf.num_microbatches,
                             "tokens_per_expert": tokens_per_expert.clone(),
                             "num_tokens": int(num_tokens), "dtype": tokens_per_expert.dtype})
+        elif state is not None:  # aux-loss-free: the dispatched load of the step
+            load = torch.stack(state.load_counts).sum(0)
+            buffers.append({"microbatches": len(state.load_counts),
+                            "tokens_per_expert": load[:-1].clone(), "num_tokens": int(load[-1]),
+                            "dtype": load.dtype})
         elif getattr(router, "global_tokens_per_expert", None) is not None:
             buffers.append({"microbatches": float(router.ga_steps),
                             "tokens_per_expert": router.global_tokens_per_expert.clone(),
                             "dtype": router.global_tokens_per_expert.dtype})
+        elif getattr(router, "local_tokens_per_expert", None) is not None:
+            buffers.append({"tokens_per_expert": router.local_tokens_per_expert.clone(),
+                            "dtype": router.local_tokens_per_expert.dtype})
     megatron_gbl.disable()
     return {"grads": grads, "buffers": buffers}
 

@@ -26,6 +26,7 @@ def _add_training_args(parser):
     group.add_argument("--tensor-model-parallel-size", type=int, default=1)
     group.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     group.add_argument("--tensorboard-dir", default=None)
+    group.add_argument("--seed", type=int, default=1234)
     return parser
 
 
@@ -37,6 +38,10 @@ def _add_moe_args(parser):
                        choices=["aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none"])
     group.add_argument("--moe-aux-loss-coeff", type=float, nargs="+", default=0.0)
     group.add_argument("--moe-token-dispatcher-type", default="allgather")
+    group.add_argument("--moe-router-score-function", default="softmax",
+                       choices=["softmax", "sigmoid"])
+    group.add_argument("--moe-router-enable-expert-bias", action="store_true")
+    group.add_argument("--moe-router-bias-update-rate", type=float, default=1e-3)
     return parser
 
 

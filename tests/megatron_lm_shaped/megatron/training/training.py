@@ -23,7 +23,10 @@ def pretrain():
         moe_router_topk=args.moe_router_topk,
         moe_router_load_balancing_type=args.moe_router_load_balancing_type,
         moe_aux_loss_coeff=args.moe_aux_loss_coeff,
-        moe_token_dispatcher_type=args.moe_token_dispatcher_type)
+        moe_token_dispatcher_type=args.moe_token_dispatcher_type,
+        moe_router_score_function=args.moe_router_score_function,
+        moe_router_enable_expert_bias=args.moe_router_enable_expert_bias,
+        moe_router_bias_update_rate=args.moe_router_bias_update_rate)
     model = harness.build_gpt_moe(config, VOCAB, args.seq_length)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     num_microbatches = args.global_batch_size // (args.micro_batch_size * args.data_parallel_size)
