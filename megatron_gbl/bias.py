@@ -74,13 +74,14 @@ class ExpertBiasUpdater:
         return self.step_counts is not None or self._pending is not None
 
     def record(self, local_counts: torch.Tensor, scope: str, balance_group, average_group,
-               blocking: bool) -> None:
-        """Take this micro-batch's local counts [c (E), T] (int64) at `scope`."""
+               blocking: bool, what: str) -> None:
+        """Take this micro-batch's local counts [c (E), T] (int64) at `scope`; `what` names the
+        count sum in errors."""
         if scope == "global":
             self.step_counts = local_counts if self.step_counts is None \
                 else self.step_counts + local_counts
             return
-        self._pending = (comm.PendingSum(local_counts.clone(), balance_group, blocking),
+        self._pending = (comm.PendingSum(local_counts.clone(), balance_group, blocking, what),
                          average_group)
 
     def apply_pending(self, expert_bias: torch.Tensor) -> None:
@@ -107,7 +108,7 @@ def step_update(expert_biases: Sequence[torch.Tensor], updaters: Sequence[Expert
     if not counted:
         return
     counts_LX = comm.all_reduce_sum(torch.stack([updater.step_counts for _, updater in counted]),
-                                    balance_group)
+                                    balance_group, "the step's expert-load sum")
     sign_sum_LE, num_groups = _average_signs(load_error_sign(counts_LX[:, :-1]), average_group)
     for (bias, updater), sign_sum_E, counts_X in zip(counted, sign_sum_LE, counts_LX):
         apply_update(bias, sign_sum_E, num_groups, updater.rate)
@@ -126,4 +127,4 @@ def _average_signs(sign_XE: torch.Tensor, average_group) -> tuple[torch.Tensor, 
     if average_group is None:
         return sign_XE, 1
     ranks = torch.distributed.get_world_size(average_group)
-    return comm.all_reduce_sum(sign_XE, average_group), ranks
+    return comm.all_reduce_sum(sign_XE, average_group, "the expert-bias sign average"), ranks

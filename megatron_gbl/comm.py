@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 
-def all_reduce_sum(tensor: torch.Tensor, group) -> torch.Tensor:
+def all_reduce_sum(tensor: torch.Tensor, group, what: str = "an all-reduce") -> torch.Tensor:
     """Sum `tensor` in place over `group`; a no-op without a group or with a group of one."""
-    return PendingSum(tensor, group).wait()
+    return PendingSum(tensor, group, blocking=True, what=what).wait()
 
 
 def _spans_ranks(group) -> bool:
@@ -18,46 +20,69 @@ def _spans_ranks(group) -> bool:
 
 
 class _Pending:
-    """A collective that was issued with its result in `tensor`; `wait()` returns the result.
+    """A collective issued on `tensor` (the result); `wait()` returns the result.
 
     Issuing it asynchronously lets the forward pass go on while the data travels; the first
-    `wait()` blocks until it arrived (later ones return at once).
+    `wait()` blocks until it arrived (later ones return at once). A collective that fails, for
+    example because a rank of the group died or the group's timeout ran out, raises a
+    `CollectiveError` that names it, instead of leaving a bare backend error (or a hang).
     """
 
-    def __init__(self, tensor: torch.Tensor, work) -> None:
+    def __init__(self, tensor: torch.Tensor, group, issue, blocking: bool, what: str) -> None:
         self._tensor = tensor
-        self._work = work
+        self._work = None
+        self._what = what
+        if _spans_ranks(group):
+            with self._named():
+                self._work = issue(async_op=not blocking)
 
     def wait(self) -> torch.Tensor:
         if self._work is not None:
-            self._work.wait()
+            with self._named():
+                self._work.wait()
             self._work = None
         return self._tensor
+
+    @contextlib.contextmanager
+    def _named(self):
+        try:
+            yield
+        except RuntimeError as error:  # torch.distributed's errors derive from it
+            raise CollectiveError(
+                f"megatron_gbl: {self._what} failed: {error}. A rank of its process group "
+                "stopped or missed the process group's timeout (init_process_group(timeout=...), "
+                "Megatron-LM's --distributed-timeout-minutes); this rank stops instead of "
+                "hanging. Look for the first rank that failed."
+            ) from error
+
+
+class CollectiveError(RuntimeError):
+    """A megatron_gbl collective failed: a peer died or timed out."""
 
 
 class PendingSum(_Pending):
     """An in-place sum of `tensor` over `group` (nothing to do without a group of two or more)."""
 
-    def __init__(self, tensor: torch.Tensor, group, blocking: bool = False) -> None:
-        work = None
-        if _spans_ranks(group):
-            work = dist.all_reduce(tensor, group=group, async_op=not blocking)
-        super().__init__(tensor, work)
+    def __init__(self, tensor: torch.Tensor, group, blocking: bool = False,
+                 what: str = "an all-reduce") -> None:
+        super().__init__(tensor, group, functools.partial(dist.all_reduce, tensor, group=group),
+                         blocking, what)
 
 
 class PendingGather(_Pending):
     """Every rank's `tensor` of `group`, stacked along dim 0 in group-rank order: [G*N, ...]."""
 
-    def __init__(self, tensor: torch.Tensor, group, blocking: bool = False) -> None:
-        work = None
+    def __init__(self, tensor: torch.Tensor, group, blocking: bool = False,
+                 what: str = "an all-gather") -> None:
+        issue = None
         if _spans_ranks(group):
             gathered = tensor.new_empty((dist.get_world_size(group) * tensor.shape[0],
                                          *tensor.shape[1:]))
             # all_gather_single replaces all_gather_into_tensor in newer torch releases.
             gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-            work = gather(gathered, tensor, group=group, async_op=not blocking)
+            issue = functools.partial(gather, gathered, tensor, group=group)
             tensor = gathered
-        super().__init__(tensor, work)
+        super().__init__(tensor, group, issue, blocking, what)
 
 
 def sync_block_layout(

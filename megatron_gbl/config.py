@@ -78,6 +78,12 @@ class Settings:
                     f"megatron_gbl: {name} ({flag}) {value} only applies to scope 'dp' or "
                     f"'global', not {self.scope!r}; drop it or change the scope (--moe-lbl-scope)"
                 )
+        if isinstance(self.shuffle_seed, bool) or not isinstance(self.shuffle_seed, int) \
+                or self.shuffle_seed < 0:
+            raise ValueError(
+                f"megatron_gbl: shuffle_seed (Megatron-LM: --seed) must be an int >= 0, got "
+                f"{self.shuffle_seed!r}"
+            )
         if self.sync_group_size is not None and (
                 isinstance(self.sync_group_size, bool) or not isinstance(self.sync_group_size, int)
                 or self.sync_group_size < 1):
@@ -165,6 +171,13 @@ def router_balancing(config, settings: Optional[Settings] = None) -> Balancing:
     TransformerConfig and on Megatron-LM's args alike.
     """
     bias_update_rate = compat.expert_bias_update_rate(config)
+    if bias_update_rate is not None and not bias_update_rate >= 0:
+        raise ValueError(
+            f"megatron_gbl: moe_router_bias_update_rate (--moe-router-bias-update-rate) must be "
+            f">= 0, got {bias_update_rate}; Megatron's default is 1e-3 (0 freezes the bias)"
+        )
+    if bias_update_rate == 0:
+        bias_update_rate = None  # a frozen bias: nothing to update, at any scope
     pairs = compat.lbl_types_and_coeffs(config)
     if bias_update_rate is not None:
         # Beside expert bias, Megatron computes no LBL of type "none" or coefficient 0 (its
@@ -174,7 +187,8 @@ def router_balancing(config, settings: Optional[Settings] = None) -> Balancing:
         "set moe_router_load_balancing_type (--moe-router-load-balancing-type) to one of aux_loss, "
         "seq_aux_loss, global_aux_loss with moe_aux_loss_coeff (--moe-aux-loss-coeff) > 0 (the "
         "plugin keeps that coefficient), or turn on auxiliary-loss-free balancing "
-        "(moe_router_enable_expert_bias / --moe-router-enable-expert-bias), or drop "
+        "(moe_router_enable_expert_bias / --moe-router-enable-expert-bias, with "
+        "--moe-router-bias-update-rate > 0), or drop "
         "--moe-lbl-scope / call megatron_gbl.disable()"
     )
     unsupported = [t for t, _ in pairs if t not in compat.LBL_TYPES]
@@ -203,6 +217,13 @@ def router_balancing(config, settings: Optional[Settings] = None) -> Balancing:
         )
     lbl_type, coeff = pairs[0] if pairs else (None, 0.0)
     balancing = Balancing(lbl_type, coeff, bias_update_rate)
+    if settings is not None and settings.micro_coeff and lbl_type is None:
+        raise ValueError(
+            f"megatron_gbl: micro_coeff (--moe-lbl-micro-coeff) {settings.micro_coeff} adds a "
+            "micro-batch LBL beside the scoped LBL, but this model balances without an LBL "
+            "(auxiliary-loss-free only); drop it, or add an LBL with "
+            "--moe-router-load-balancing-type aux_loss and --moe-aux-loss-coeff > 0"
+        )
     if settings is not None and bias_update_rate is not None:
         _check_bias_scopes(settings, config)
     return balancing

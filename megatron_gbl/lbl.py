@@ -59,6 +59,7 @@ class RouterState:
     started: bool = False  # a step boundary was seen
     expected_microbatches: Optional[int] = None
     calls: int = 0  # training calls of this step
+    nonfinite_logits: Optional[torch.Tensor] = None  # bool []: a NaN or inf this step
     balance_tokens: Optional[Callable[[], torch.Tensor]] = None  # waits for the synced counts
     balance_sequences: int = 0
     # Local, unreduced statistics of each micro-batch of the step, for metrics.step_metrics:
@@ -80,6 +81,14 @@ class RouterState:
         self.started = True
         self.expected_microbatches = expected_microbatches
         self.calls = 0
+        self.nonfinite_logits = None
+
+    def note_logits(self, logits: torch.Tensor) -> None:
+        """Remember on the device whether this step's logits held a NaN or inf: checked once
+        per step (finish_step), so no host sync per call."""
+        nonfinite = ~torch.isfinite(logits).all()
+        self.nonfinite_logits = nonfinite if self.nonfinite_logits is None \
+            else self.nonfinite_logits | nonfinite
 
     def count_call(self) -> None:
         """One more training call (micro-batch) of this step; refuse one too many."""
@@ -132,7 +141,8 @@ def apply_scoped_lbl(
     micro_weights = None
     if settings.micro_coeff:
         # A copy: the scoped sum below reduces local_counts in place.
-        micro_counts = PendingSum(local_counts.clone(), local_group, settings.blocking_sync)
+        micro_counts = PendingSum(local_counts.clone(), local_group, settings.blocking_sync,
+                                  _what("micro-batch expert-count sum", router))
 
         def micro_weights():
             counts = micro_counts.wait()
@@ -194,7 +204,8 @@ def _batch_weights(router, state, settings, counts, group, replicas: int, bsz: i
     `shuffled(num_tokens)`, for "shuffle", gives the counts of that many drawn tokens.
     """
     num_experts = counts.shape[0] - 1
-    synced = PendingSum(counts, group, settings.blocking_sync)
+    synced = PendingSum(counts, group, settings.blocking_sync,
+                        _what("expert-count sum", router))
     if settings.scope == "global":
         k = state.buffer.add(synced)
         counts_for_f = functools.partial(state.buffer.prefix, k)
@@ -231,7 +242,7 @@ def _sequence_weights(router, state, settings, scores_TE, routing_map_TE, num_lo
     num_experts = scores_TE.shape[-1]
     synced = PendingSum(
         count_choices(routing_map_TE.reshape(seq_length, bsz * num_experts), num_local_tokens),
-        local_group, settings.blocking_sync)
+        local_group, settings.blocking_sync, _what("per-sequence expert-count sum", router))
     state.balance_tokens = lambda: synced.wait()[-1] / bsz
     state.balance_sequences = 1
 
@@ -255,7 +266,7 @@ def _shuffled_counts(router, state, settings, routing_map_TE, valid_T1):
         choices_TK = torch.where(valid_T1, choices_TK, -1)
     # int32: the smallest integer type every backend gathers.
     gathered = PendingGather(choices_TK.to(torch.int32), compat.tp_dp_cp_group(router),
-                             settings.blocking_sync)
+                             settings.blocking_sync, _what("expert-choice gather", router))
     if state.shuffle_generator is None:
         dp_rank, _ = compat.data_parallel_rank_and_size()
         state.shuffle_generator = torch.Generator(device=routing_map_TE.device).manual_seed(
@@ -300,7 +311,7 @@ def record_expert_load(router, state: RouterState, settings: Settings, sync_grou
     state.load_counts.append(local_counts)
     balance_group, average_group = bias_groups(router, settings, sync_group)
     state.bias.record(local_counts, settings.scope, balance_group, average_group,
-                      settings.blocking_sync)
+                      settings.blocking_sync, _what("expert-load sum", router))
     if state.balancing.lbl_type is None:  # else the LBL's Balance BSZ, the same token set
         microbatches = len(state.load_counts) if settings.scope == "global" else 1
         replicas = _size(balance_group) // _size(compat.tp_cp_group(router))
@@ -344,6 +355,10 @@ def _valid_tokens(padding_mask_SB: Optional[torch.Tensor], like_TE: torch.Tensor
         return None, torch.full((), like_TE.shape[0], dtype=torch.int64, device=like_TE.device)
     valid_T1 = ~padding_mask_SB.reshape(-1, 1)
     return valid_T1, valid_T1.sum(dtype=torch.int64)
+
+
+def _what(collective: str, router) -> str:
+    return f"the {collective} of MoE layer {router.layer_number}"
 
 
 def _size(group) -> int:

@@ -99,6 +99,13 @@ def configure(args: argparse.Namespace) -> None:
                         args.moe_lbl_blocking_sync, args.moe_lbl_switch_scope,
                         args.moe_lbl_switch_iteration, shuffle_seed=getattr(args, "seed", 0))
     balancing = router_balancing(args, settings)
+    train_iters = getattr(args, "train_iters", None)
+    if settings.switch_iteration is not None and train_iters \
+            and settings.switch_iteration >= train_iters:
+        raise ValueError(
+            f"megatron_gbl: --moe-lbl-switch-iteration {settings.switch_iteration} is not below "
+            f"--train-iters {train_iters}, so --moe-lbl-switch-scope would never take over; "
+            "lower it, or drop the switch")
     if settings.sync_group_size is not None:
         check_sync_group_size(settings.sync_group_size, args.data_parallel_size)
     patch.enable(**{field.name: getattr(settings, field.name)

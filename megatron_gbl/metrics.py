@@ -83,8 +83,10 @@ def step_metrics(routers: Sequence) -> Optional[StepMetrics]:
     # float64 holds the integer counts exactly: one tensor, two collectives for everything.
     stats_LMX = torch.stack([_microbatch_stats(router._megatron_gbl, has_lbl, has_bias)
                              for router in routers])
-    global_LX = comm.all_reduce_sum(stats_LMX.sum(dim=1), compat.tp_dp_cp_group(routers[0]))
-    micro_LMX = comm.all_reduce_sum(stats_LMX, compat.tp_cp_group(routers[0]))
+    global_LX = comm.all_reduce_sum(stats_LMX.sum(dim=1), compat.tp_dp_cp_group(routers[0]),
+                                    "the step metrics' sum over TP x DP x CP")
+    micro_LMX = comm.all_reduce_sum(stats_LMX, compat.tp_cp_group(routers[0]),
+                                    "the step metrics' sum over TP x CP")
     num_experts = routers[0].config.num_moe_experts
     values = {}
     if has_lbl:

@@ -35,6 +35,7 @@ _STATE_ATTR = "_megatron_gbl"
 _ORIGINALS: dict[tuple[object, str], tuple[object, bool]] = {}  # -> (original, owned by owner)
 _SETTINGS: Optional[Settings] = None  # as enabled, with the scope switch
 _PHASE: Optional[Settings] = None  # in force for the current step
+_ITERATION = 0  # of the current step, 0-based
 _NEXT_ITERATION = 0
 _ITERATION_SOURCE: Optional[Callable[[], Optional[int]]] = None  # the trainer's own counter
 _ROUTERS: "weakref.WeakSet[TopKRouter]" = weakref.WeakSet()
@@ -89,7 +90,7 @@ def enable(scope: str, *, sync_group_size: Optional[int] = None, micro_coeff: fl
 
 def disable() -> None:
     """Restore every patched Megatron symbol and drop all plugin state: upstream exactly."""
-    global _SETTINGS, _PHASE, _NEXT_ITERATION, _ITERATION_SOURCE
+    global _SETTINGS, _PHASE, _ITERATION, _NEXT_ITERATION, _ITERATION_SOURCE
     for (owner, name), (original, owned) in _ORIGINALS.items():
         if owned:
             setattr(owner, name, original)
@@ -101,7 +102,7 @@ def disable() -> None:
     _ROUTERS.clear()
     _SYNC_BLOCK_GROUPS.clear()
     _SETTINGS = _PHASE = _ITERATION_SOURCE = None
-    _NEXT_ITERATION = 0
+    _ITERATION = _NEXT_ITERATION = 0
 
 
 @contextlib.contextmanager
@@ -134,7 +135,7 @@ def start_step(model: Model, num_microbatches: Optional[int] = None,
     `num_microbatches` lets the routers reject a micro-batch that would be counted twice;
     `iteration` (default: one more than the last step) decides the scope switch.
     """
-    global _PHASE, _NEXT_ITERATION
+    global _PHASE, _ITERATION, _NEXT_ITERATION
     _require_enabled("start_step")
     if iteration is None and _ITERATION_SOURCE is not None:
         iteration = _ITERATION_SOURCE()
@@ -144,7 +145,7 @@ def start_step(model: Model, num_microbatches: Optional[int] = None,
     if phase.scope != _PHASE.scope:
         logger.info("megatron_gbl: iteration %d: load-balancing scope %s -> %s", iteration,
                     _PHASE.scope, phase.scope)
-    _PHASE, _NEXT_ITERATION = phase, iteration + 1
+    _PHASE, _ITERATION, _NEXT_ITERATION = phase, iteration, iteration + 1
     if _SETTINGS.sync_group_size is not None:
         _sync_block_group(_SETTINGS.sync_group_size, build=True)
     routers = _routers_of(model)
@@ -168,7 +169,13 @@ def finish_step(model: Model) -> None:
     collective with expert bias at global scope), before the optimizer step, or use `step`.
     """
     _require_enabled("finish_step")
-    routers = [router for router in _routers_of(model)
+    every_router = _routers_of(model)
+    try:
+        _check_logits_finite(every_router)
+    except FloatingPointError:
+        discard_step(model)
+        raise
+    routers = [router for router in every_router
                if router._megatron_gbl.bias is not None and router._megatron_gbl.bias.open]
     for router in routers:
         router._megatron_gbl.bias.apply_pending(router.expert_bias)
@@ -226,6 +233,23 @@ def balance_bsz(model: Model) -> dict[int, BalanceBSZ]:
     sizes = {router.layer_number: router._megatron_gbl.balance_bsz
              for router in _routers_of(model)}
     return {layer: size for layer, size in sizes.items() if size is not None}
+
+
+def _check_logits_finite(routers: list[TopKRouter]) -> None:
+    flagged = [(router.layer_number, router._megatron_gbl.nonfinite_logits) for router in routers
+               if router._megatron_gbl.nonfinite_logits is not None]
+    if not flagged:
+        return
+    nonfinite = torch.stack([flag for _, flag in flagged])
+    if bool(nonfinite.any()):  # the step's one host sync
+        layers = [layer for (layer, _), bad in zip(flagged, nonfinite.tolist()) if bad]
+        raise FloatingPointError(
+            f"megatron_gbl: router logits with NaN or inf in MoE layer(s) {layers} at training "
+            f"iteration {_ITERATION} (0-based; Megatron-LM logs it as iteration "
+            f"{_ITERATION + 1}). The router's input already held them: check this step's data, "
+            "the learning rate and the loss scale (fp16), or set --check-for-nan-in-loss-and-grad; "
+            "the step is discarded, the expert bias is not updated."
+        )
 
 
 def _require_enabled(name: str) -> None:
@@ -294,6 +318,7 @@ def _routing(original, self, logits, *args, **kwargs):
             why = "" if _SETTINGS.needs_step_boundary else " with expert bias"
             raise RuntimeError(_NO_STEP_BOUNDARY.format(scope=phase.scope, why=why))
         state.count_call()
+        state.note_logits(logits)
     if state.bias is not None:
         state.bias.apply_pending(self.expert_bias)
     probs, routing_map = original(self, logits, *args, **kwargs)

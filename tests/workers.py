@@ -259,6 +259,12 @@ def bad_input_messages(rank: int, world_size: int) -> dict:
     megatron_gbl.start_step(model, num_microbatches=1)
     router(torch.randn(4, 2, model.config.hidden_size))
     capture("counted twice", lambda: router(torch.randn(4, 2, model.config.hidden_size)))
+    aux_free = harness.build_gpt_moe(harness.moe_config(**AUX_FREE))
+    megatron_gbl.enable("global")
+    megatron_gbl.start_step(aux_free)
+    harness.routers_of(aux_free)[0](torch.randn(4, 2, aux_free.config.hidden_size))
+    capture("step never finished", lambda: megatron_gbl.start_step(aux_free))
+    capture("before enable", lambda: megatron_gbl.start_step(model))
     return messages
 
 

@@ -1,0 +1,45 @@
+"""Bad input fails before training with a message that names the flag (or argument) and the
+fix; docs/bad_input.md shows exactly these messages (catalog: tests/bad_input.py)."""
+
+import os
+
+import pytest
+
+import bad_input
+
+DOC = os.path.join(os.path.dirname(__file__), "..", "docs", "bad_input.md")
+
+
+@pytest.mark.parametrize("case", list(bad_input.MEGATRON_LM))
+def test_megatron_lm_flags(case):
+    message = bad_input.megatron_lm_message(case)
+    for fragment in bad_input.MEGATRON_LM[case][1]:
+        assert fragment in message, (case, message)
+
+
+@pytest.mark.parametrize("case", list(bad_input.PYTHON_API))
+def test_python_api(case):
+    message = bad_input.python_api_message(case)
+    for fragment in bad_input.PYTHON_API[case][2]:
+        assert fragment in message, (case, message)
+
+
+def test_python_api_enable_rejects_and_leaves_upstream_untouched():
+    import megatron_gbl
+
+    for case, (kwargs, overrides, _) in bad_input.PYTHON_API.items():
+        if overrides is None:
+            with pytest.raises(ValueError):
+                megatron_gbl.enable(**kwargs)
+            assert not megatron_gbl.is_enabled(), case
+
+
+def test_doc_table_is_current():
+    with open(DOC) as f:
+        doc = f.read()
+    assert len(bad_input.MEGATRON_LM) + len(bad_input.PYTHON_API) + len(bad_input.RUNTIME) >= 15
+    stale = [case for case in bad_input.MEGATRON_LM
+             if bad_input._cell(bad_input.megatron_lm_message(case)) not in doc]
+    stale += [case for case in bad_input.PYTHON_API
+              if bad_input._cell(bad_input.python_api_message(case)) not in doc]
+    assert not stale, f"docs/bad_input.md is stale for {stale}: python tests/bad_input.py > docs/bad_input.md"
