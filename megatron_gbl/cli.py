@@ -46,8 +46,13 @@ def _parser() -> argparse.ArgumentParser:
                     "data order, with single-domain micro-batches; print held-out loss and "
                     "expert specialisation per scope.")
     demo.add_argument("--scopes", default="micro,global",
-                      help="comma-separated: micro, seq, dp, global, dp:N, global:N (N ranks per "
-                           "balance block), e.g. micro,dp:2,dp,global (default: %(default)s)")
+                      help="comma-separated runs: LBL scopes micro, seq, dp, global, shuffle, "
+                           "dp:N, global:N (N ranks per balance block); auxfree-micro, "
+                           "auxfree-dp, auxfree-global (and :N): auxiliary-loss-free balancing "
+                           "(expert bias, no LBL) at that scope; dp/global(:N)+micro or "
+                           "+micro=R: plus a micro-batch LBL at R (default 0.01) times the LBL "
+                           "weight; A-then-B@S: A for the first S steps, then B, e.g. "
+                           "micro-then-global@250 (default: %(default)s)")
     demo.add_argument("--steps", type=int, default=defaults.steps, help="(default: %(default)s)")
     demo.add_argument("--ranks", type=int, default=defaults.ranks,
                       help="data-parallel gloo processes, at least 4 (default: %(default)s)")
@@ -98,7 +103,7 @@ def _demo(args) -> int:
         micro_batch_size=args.micro_batch_size, seq_length=args.seq_length,
         eval_sequences=args.eval_sequences)
     demo.check_settings(settings)
-    scopes = demo.parse_scopes(args.scopes, settings.ranks)
+    scopes = demo.parse_scopes(args.scopes, settings)
     if (args.train_data is None) != (args.valid_data is None):
         raise ValueError("--train-data and --valid-data go together; pass both, or neither for "
                          "the built-in corpus")

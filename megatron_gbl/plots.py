@@ -18,24 +18,37 @@ def _pyplot():
     return plt
 
 
+MAX_HEATMAP_COLUMNS = 4  # runs side by side; more runs wrap onto further rows of the figure
+
+
 def selection_heatmaps(frequency: dict, domains: list[str], uniform: float, path: str) -> None:
-    """Fig. 1b: per run (column) and MoE layer (row), each domain's selection frequency of
-    every expert, frequency [L][D][E] per run, on one colour scale."""
+    """Fig. 1b: per run and MoE layer, each domain's selection frequency of every expert,
+    frequency [L][D][E] per run, on one colour scale. Runs are columns, each with its layers
+    stacked, at most MAX_HEATMAP_COLUMNS side by side and the rows of runs filled evenly."""
     plt = _pyplot()
     labels = list(frequency)
     layers = len(frequency[labels[0]])
     experts = len(frequency[labels[0]][0][0])
     peak = max(value for run in frequency.values() for layer in run for row in layer
                for value in row)
-    fig, axes = plt.subplots(layers, len(labels), squeeze=False, constrained_layout=True,
-                             figsize=(2 + 0.45 * experts * len(labels),
-                                      0.6 + (0.5 + 0.35 * len(domains)) * layers))
-    for column, label in enumerate(labels):
+    blocks = math.ceil(len(labels) / MAX_HEATMAP_COLUMNS)
+    columns = math.ceil(len(labels) / blocks)
+    fig, axes = plt.subplots(blocks * layers, columns, squeeze=False, constrained_layout=True,
+                             figsize=(2 + 0.45 * experts * columns,
+                                      0.6 + (0.7 + 0.35 * len(domains)) * layers * blocks))
+    for index in range(blocks * columns):
+        block, column = divmod(index, columns)
         for layer in range(layers):
-            ax = axes[layer][column]
+            ax = axes[block * layers + layer][column]
+            if index >= len(labels):
+                ax.set_visible(False)  # the last row of runs is not full
+                continue
+            label = labels[index]
             image = ax.imshow(frequency[label][layer], vmin=0, vmax=peak, cmap="Blues",
                               aspect="auto")
-            ax.set_title(f"{label}, layer {layer + 1}", fontsize=9)
+            # The run's label once, above its first layer: long labels fit the column width.
+            ax.set_title(f"{label}\nlayer {layer + 1}" if layer == 0 else f"layer {layer + 1}",
+                         fontsize=9)
             ax.set_yticks(range(len(domains)), domains if column == 0 else [""] * len(domains),
                           fontsize=8)
             ax.set_xticks(range(experts), range(experts), fontsize=7)
@@ -48,42 +61,70 @@ def selection_heatmaps(frequency: dict, domains: list[str], uniform: float, path
 
 
 def training_curves(curves: dict, path: str) -> None:
-    """Fig. 3 style: LM loss (moving average) and micro/global-batch LBL per step, per run."""
+    """Fig. 3 style, moving averages per step, one colour per run: LM loss, the micro- and
+    global-batch LBL (runs with an LBL: aux-free runs have none) and the micro- and global-batch
+    load violation max_i c_i / mean_i c_i - 1 (every run). curves: run label -> per-step lists
+    "loss", "micro_load_violation", "global_load_violation", and with an LBL "micro_lbl",
+    "global_lbl"."""
     plt = _pyplot()
-    fig, (loss_ax, lbl_ax) = plt.subplots(1, 2, figsize=(11, 3.8), constrained_layout=True)
-    for index, (label, curve) in enumerate(curves.items()):
-        color = f"C{index}"
+    from matplotlib.lines import Line2D
+
+    fig, (loss_ax, lbl_ax, violation_ax) = plt.subplots(1, 3, figsize=(15, 4.2),
+                                                        constrained_layout=True)
+    batch_styles = (("global", "-", "global batch"), ("micro", "--", "micro-batch"))
+    colors = _run_colors(len(curves))
+    for color, (label, curve) in zip(colors, curves.items()):
         window = max(1, len(curve["loss"]) // 20)
         loss_ax.plot(_moving_average(curve["loss"], window), color=color, label=label)
-        lbl_ax.plot(_moving_average(curve["global_lbl"], window), color=color,
-                    label=f"{label}: global-batch LBL")
-        lbl_ax.plot(_moving_average(curve["micro_lbl"], window), color=color, linestyle="--",
-                    label=f"{label}: micro-batch LBL")
+        for ax, quantity in ((lbl_ax, "lbl"), (violation_ax, "load_violation")):
+            for batch, style, _ in batch_styles:
+                name = f"{batch}_{quantity}"
+                if name in curve:  # an LBL curve exists only for runs with an LBL
+                    ax.plot(_moving_average(curve[name], window), color=color, linestyle=style)
     loss_ax.set(xlabel="step", ylabel="training LM loss (nats/byte)", yscale="log",
                 title="LM loss, moving average (log scale)")
     lbl_ax.axhline(1.0, color="gray", linestyle=":", linewidth=1)
-    lbl_ax.set(xlabel="step", ylabel="LBL (1 = balanced)", title="load-balancing loss (eq. 2)")
-    loss_ax.legend(fontsize=8)
-    lbl_ax.legend(fontsize=7)
+    lbl_ax.set(xlabel="step", ylabel="LBL (1 = balanced)",
+               title="load-balancing loss (eq. 2), runs with an LBL")
+    if not any("global_lbl" in curve for curve in curves.values()):
+        lbl_ax.text(0.5, 0.5, "no run has an LBL", transform=lbl_ax.transAxes, ha="center")
+    violation_ax.set(xlabel="step", ylabel="max load / mean load - 1 (0 = balanced)",
+                     title="expert load violation, every run")
+    styles = [Line2D([], [], color="gray", linestyle=style, label=name)
+              for _, style, name in batch_styles]
+    lbl_ax.legend(handles=styles, fontsize=8)
+    violation_ax.legend(handles=styles, fontsize=8)
+    legend_rows = math.ceil(len(curves) / 8)  # 8 run labels fit the figure's width
+    fig.legend(*loss_ax.get_legend_handles_labels(), loc="outside lower center",
+               ncol=math.ceil(len(curves) / legend_rows), fontsize=8)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def topk_score_sums(scores: dict, domains: list[str], uniform: float, path: str) -> None:
-    """Fig. 4a: mean top-K score sum per layer and domain, scores [L][D] per run; the gray
-    dashed line is the value when every expert gets the same score (K / E)."""
+    """Fig. 4a: mean top-K score sum per layer and domain, scores [L][D] per run; colour =
+    domain, line style and marker = run; the gray dashed line is the value when every expert
+    gets the same score (K / E)."""
     plt = _pyplot()
+    from matplotlib.lines import Line2D
+
     fig, ax = plt.subplots(figsize=(6.5, 3.8), constrained_layout=True)
-    styles = ["-", "--", ":", "-."]
-    for index, (label, per_layer) in enumerate(scores.items()):
+    styles = [(line, marker) for marker in "os^Dv" for line in ("-", "--", ":", "-.")]
+    run_styles = [styles[index % len(styles)] for index in range(len(scores))]
+    for (line, marker), per_layer in zip(run_styles, scores.values()):
         layers = range(1, len(per_layer) + 1)
-        for d, domain in enumerate(domains):
-            ax.plot(layers, [layer[d] for layer in per_layer], marker="o", color=f"C{d}",
-                    linestyle=styles[index % len(styles)], label=f"{label}: {domain}")
-    ax.axhline(uniform, color="gray", linestyle="--", label="uniform scores")
+        for d in range(len(domains)):
+            ax.plot(layers, [layer[d] for layer in per_layer], marker=marker, color=f"C{d}",
+                    linestyle=line)
+    ax.axhline(uniform, color="gray", linestyle="--")
     ax.set(xlabel="MoE layer", ylabel="mean top-K score sum", title="router confidence")
     ax.set_xticks(list(layers))
-    ax.legend(fontsize=7, ncol=2)
+    handles = ([Line2D([], [], color=f"C{d}", label=domain) for d, domain in enumerate(domains)]
+               + [Line2D([], [], color="black", linestyle=line, marker=marker, markersize=4,
+                         label=label)
+                  for (line, marker), label in zip(run_styles, scores)]
+               + [Line2D([], [], color="gray", linestyle="--", label="uniform scores")])
+    ax.legend(handles=handles, fontsize=7, ncol=2, handlelength=4)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -112,6 +153,14 @@ def overlap_heatmaps(overlap: list, domains: list[str], path: str) -> None:
     fig.colorbar(image, ax=axes, shrink=0.8, label="high-frequency expert overlap (Jaccard)")
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _run_colors(runs: int) -> list:
+    """One distinct colour per run: the default ten, or twenty for more runs."""
+    import matplotlib
+
+    palette = matplotlib.colormaps["tab10" if runs <= 10 else "tab20"]
+    return [palette(index % palette.N) for index in range(runs)]
 
 
 def _moving_average(values: list, window: int) -> list:

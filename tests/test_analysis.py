@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from megatron_gbl import analysis, cli, harness
-from megatron_gbl.demo import parse_scopes
+from megatron_gbl.config import Settings
+from megatron_gbl.demo import DemoSettings, parse_scopes
 
 # Two domains, 4 experts, top-2, 4 tokens each. Choices per token:
 #   A: {0,1} {0,1} {0,2} {0,1}  -> counts [4, 3, 1, 0]
@@ -158,7 +159,9 @@ def test_demo_rejects_bad_arguments(tmp_path, capsys, no_training):
         ("--scopes", "global:3"):
             "'global:3' syncs blocks of 3 ranks, which does not divide --ranks 4",
         ("--scopes", "micro:2"): "only dp and global take :N",
-        ("--scopes", "micro,micro"): "names a scope twice",
+        ("--scopes", "micro,micro"): "names the same run twice",
+        ("--steps", "3", "--scopes", "micro-then-global@3"): "1 <= S < --steps 3",
+        ("--scopes", "auxfree-shuffle"): "use auxfree-micro, auxfree-dp or auxfree-global",
         ("--steps", "0"): "--steps 0: must be at least 1",
         ("--train-data", str(tmp_path / "missing.jsonl"), "--valid-data", good):
             "missing.jsonl: no such file",
@@ -209,7 +212,90 @@ def test_analyze_rejects_bad_arguments(tmp_path, capsys, no_training):
 
 
 def test_parse_scopes():
-    specs = parse_scopes("micro, dp:2,dp,global", ranks=4)
+    settings = DemoSettings(ranks=4, steps=500)
+    specs = parse_scopes("micro, dp:2,dp,global", settings)
     assert [(s.label, s.scope, s.sync_group_size, s.dirname) for s in specs] == [
         ("micro", "micro", None, "micro"), ("dp:2", "dp", 2, "dp-2"),
         ("dp", "dp", None, "dp"), ("global", "global", None, "global")]
+    assert [s.method for s in specs] == ["LBL"] * 4
+
+
+# label -> (dirname, method, megatron_gbl.enable's scope and keyword arguments) at the demo's
+# defaults: aux_loss_coeff 1e-2, seed 0.
+ABLATIONS = {
+    "shuffle": ("shuffle", "shuffle LBL", "shuffle", {}),
+    "auxfree-micro": ("auxfree-micro", "aux-free", "micro", {}),
+    "auxfree-dp:2": ("auxfree-dp-2", "aux-free", "dp", dict(sync_group_size=2)),
+    "auxfree-global": ("auxfree-global", "aux-free", "global", {}),
+    "global+micro": ("global+micro", "LBL + 1% micro", "global", dict(micro_coeff=1e-4)),
+    "dp:2+micro=0.1": ("dp-2+micro=0.1", "LBL + 10% micro", "dp",
+                       dict(sync_group_size=2, micro_coeff=1e-3)),
+    "micro-then-global@250": ("micro-then-global@250", "LBL, micro→global@250", "micro",
+                              dict(switch_scope="global", switch_iteration=250)),
+    "auxfree-micro-then-auxfree-global@1": (
+        "auxfree-micro-then-auxfree-global@1", "aux-free, micro→global@1", "micro",
+        dict(switch_scope="global", switch_iteration=1)),
+    "seq-then-global:2+micro@499": (
+        "seq-then-global-2+micro@499", "LBL + 1% micro, seq→global@499", "seq",
+        dict(switch_scope="global", switch_iteration=499, sync_group_size=2, micro_coeff=1e-4)),
+}
+
+
+def test_parse_scopes_ablations():
+    settings = DemoSettings(ranks=4, steps=500)
+    specs = parse_scopes(",".join(ABLATIONS), settings)
+    assert [spec.label for spec in specs] == list(ABLATIONS)
+    defaults = dict(sync_group_size=None, micro_coeff=0.0, switch_scope=None,
+                    switch_iteration=None, shuffle_seed=settings.seed)
+    for spec, (dirname, method, scope, arguments) in zip(specs, ABLATIONS.values()):
+        assert (spec.dirname, spec.method, spec.scope) == (dirname, method, scope), spec.label
+        assert spec.enable_arguments(settings) == pytest.approx({**defaults, **arguments})
+        Settings(spec.scope, **spec.enable_arguments(settings))  # the plugin accepts them
+        overrides = spec.model_overrides(settings)
+        assert overrides.get("moe_router_enable_expert_bias", False) == spec.label.startswith(
+            "auxfree-")
+        if spec.aux_free:
+            assert overrides["moe_router_score_function"] == "sigmoid"
+            assert overrides["moe_router_bias_update_rate"] == settings.expert_bias_update_rate
+            assert (overrides["moe_router_load_balancing_type"],
+                    overrides["moe_aux_loss_coeff"]) == ("none", 0.0)
+        else:
+            assert (overrides["moe_router_load_balancing_type"],
+                    overrides["moe_aux_loss_coeff"]) == ("aux_loss", settings.aux_loss_coeff)
+        # The rest of the model is the same for every run.
+        base = settings.model_overrides()
+        shared = set(base) - {"moe_router_load_balancing_type", "moe_aux_loss_coeff"}
+        assert {key: overrides[key] for key in shared} == {key: base[key] for key in shared}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("best", "unknown scope 'best'"),
+    ("micro-then-best@3", "unknown scope 'best' in 'micro-then-best@3'"),
+    ("micro,", "an entry is empty"),
+    ("auxfree-seq", "use auxfree-micro, auxfree-dp or auxfree-global"),
+    ("auxfree-shuffle", "use auxfree-micro, auxfree-dp or auxfree-global"),
+    ("micro:2", "only dp and global take :N"),
+    ("dp:", "only dp and global take :N"),
+    ("auxfree-global:3", "does not divide --ranks 4"),
+    ("global+micro=0", "R in +micro=R must be a decimal number > 0"),
+    ("global+micro=1e-3", "R in +micro=R must be a decimal number > 0"),
+    ("global+lbl", "'+lbl' is unknown; the only addition is +micro"),
+    ("shuffle+micro", "only dp and global (and dp:N, global:N) take +micro"),
+    ("auxfree-global+micro", "auxfree- runs have no LBL"),
+    ("micro-then-global", "write one switch as A-then-B@S"),
+    ("global@3", "write one switch as A-then-B@S"),
+    ("micro-then-dp-then-global@3", "write one switch as A-then-B@S"),
+    ("micro-then-global@0", "1 <= S < --steps 10"),
+    ("micro-then-global@10", "1 <= S < --steps 10"),
+    ("micro-then-global@x", "1 <= S < --steps 10"),
+    ("micro-then-auxfree-global@3", "both halves LBL scopes or both auxfree- scopes"),
+    ("global-then-global@3", "switches from global to global"),
+    ("dp:2-then-global@3", "give them the same :N and +micro"),
+    ("dp+micro-then-global@3", "give them the same :N and +micro"),
+    ("global+micro,global+micro=0.01", "names the same run twice"),
+])
+def test_parse_scopes_rejects(text, message):
+    with pytest.raises(ValueError) as error:
+        parse_scopes(text, DemoSettings(ranks=4, steps=10))
+    assert str(error.value).startswith("--scopes: ") and message in str(error.value)
+    assert "e.g. --scopes micro,global,auxfree-global" in str(error.value)  # the usage

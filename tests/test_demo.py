@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from megatron_gbl import cli
+from megatron_gbl import cli, demo, harness
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 RANKS, MICROBATCHES, MICRO_BATCH_SIZE, SEQ = 4, 2, 2, 16
@@ -20,31 +20,56 @@ def assert_png(path):
     assert len(data) > 5000, f"{path}: only {len(data)} bytes"
 
 
+# Balance BSZ in sequences of each run: a micro-batch, 2 ranks' micro-batches, the global batch.
+GLOBAL_BATCH = RANKS * MICROBATCHES * MICRO_BATCH_SIZE
+BALANCE_SEQUENCES = {
+    "global": GLOBAL_BATCH, "auxfree-micro": MICRO_BATCH_SIZE, "auxfree-dp:2": 2 * MICRO_BATCH_SIZE,
+    "auxfree-global": GLOBAL_BATCH, "shuffle": MICRO_BATCH_SIZE, "global+micro": GLOBAL_BATCH,
+    "micro-then-global@2": GLOBAL_BATCH,  # micro for 2 of the 3 steps, then global
+}
+AUX_FREE_RUNS = ("auxfree-micro", "auxfree-dp:2", "auxfree-global")
+
+
 def test_demo_then_analyze(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert cli.main(["demo", "--scopes", "micro,dp:2,global", "--steps", "3",
+    assert cli.main(["demo", "--scopes", ",".join(BALANCE_SEQUENCES), "--steps", "3",
                      "--ranks", str(RANKS), "--microbatches", str(MICROBATCHES),
                      "--micro-batch-size", str(MICRO_BATCH_SIZE), "--seq-length", str(SEQ),
                      "--eval-sequences", "4", "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "held-out loss, mean" in printed and "MI(domain; expert)" in printed
+    assert "LBL + 1% micro" in printed and "LBL, micro→global@2" in printed
 
     with open(out / "results.json") as f:
         results = json.load(f)
     domains = results["domains"]
     assert len(domains) == 4 and results["settings"]["steps"] == 3
     runs = results["scopes"]
-    assert list(runs) == ["micro", "dp:2", "global"]
-    # Balance BSZ in sequences: one micro-batch, 2 ranks' micro-batches, the whole global batch.
-    assert [run["balance_bsz"]["sequences"] for run in runs.values()] == [
-        MICRO_BATCH_SIZE, 2 * MICRO_BATCH_SIZE, RANKS * MICROBATCHES * MICRO_BATCH_SIZE]
-    first_losses = {run["train_curves"]["loss"][0] for run in runs.values()}
-    assert len(first_losses) == 1  # same initial weights and the same first global batch
+    assert list(runs) == list(BALANCE_SEQUENCES)
+    assert {label: run["balance_bsz"]["sequences"] for label, run in runs.items()} == \
+        BALANCE_SEQUENCES
+    assert [runs[label]["method"] for label in ("global", "auxfree-global", "shuffle")] == [
+        "LBL", "aux-free", "shuffle LBL"]
+    # Same initial weights and the same first global batch: the same first loss for every LBL
+    # run. (Aux-free runs differ in gating, and at micro/dp scope the expert bias changes
+    # between the first step's micro-batches: see the next test for their weights.)
+    first_losses = {run["train_curves"]["loss"][0] for label, run in runs.items()
+                    if label not in AUX_FREE_RUNS}
+    assert len(first_losses) == 1
+    # A plugin argument that did not arrive would leave the run identical to plain global.
+    for label in ("global+micro", "micro-then-global@2"):
+        assert runs[label]["heldout_loss"] != runs["global"]["heldout_loss"], label
+    lbl_curves = {"micro_lbl", "global_lbl"}
     for label, run in runs.items():
+        curves = run["train_curves"]
+        assert set(curves) == {"loss", "micro_load_violation", "global_load_violation"} | (
+            set() if label in AUX_FREE_RUNS else lbl_curves), label
+        assert all(len(curve) == 3 for curve in curves.values())
+        assert all(value >= 0 for value in curves["micro_load_violation"]
+                   + curves["global_load_violation"])
         assert set(run["heldout_loss"]) == set(domains)
         assert all(0 < loss < math.log(257) + 1 for loss in run["heldout_loss"].values())
         assert run["seconds_per_step"] > 0
-        assert all(len(curve) == 3 for curve in run["train_curves"].values())
         routing = run["routing"]
         topk, experts = routing["topk"], routing["num_experts"]
         # 4 held-out sequences of SEQ tokens per domain, every token chose top-k experts.
@@ -54,25 +79,56 @@ def test_demo_then_analyze(tmp_path, capsys):
                 assert len(row) == experts and sum(row) == topk
         assert all(0 <= mi <= math.log2(4) + 1e-9 for mi in routing["mutual_information_bits"])
         assert all(value >= 1 - 1e-6 for value in routing["global_lbl"])  # 1 is the minimum
-        assert os.path.isfile(os.path.join(run["model_dir"], "model.pt")), label
+        state_dict = torch.load(os.path.join(run["model_dir"], "model.pt"),
+                                weights_only=False)["state_dict"]
+        biases = [value for key, value in state_dict.items()
+                  if key.endswith("mlp.router.expert_bias")]
+        if label in AUX_FREE_RUNS:
+            # Every layer's expert bias moved away from its initial zeros during training.
+            assert len(biases) == results["settings"]["num_layers"]
+            assert all(bias.abs().max() > 0 for bias in biases), label
+        else:
+            assert biases == [], label
     for path in results["files"].values():
         assert_png(path)
     # The built-in corpus is written out so `analyze` can read the same held-out text.
     with open(out / "valid.jsonl") as f:
         assert {json.loads(line)["domain"] for line in f} == set(domains)
 
-    assert cli.main(["analyze", "--model", str(out / "global"), "--data", str(out / "valid.jsonl"),
+    # A saved aux-free model (sigmoid gating, expert bias) is rebuilt by `analyze`: the same
+    # model on the same held-out batches gives the demo's own numbers again.
+    analyzed = out / "auxfree-global"
+    assert cli.main(["analyze", "--model", str(analyzed), "--data", str(out / "valid.jsonl"),
                      "--max-sequences", "4"]) == 0
     assert "MI(domain; expert)" in capsys.readouterr().out
-    with open(out / "global" / "analysis" / "analysis.json") as f:
+    with open(analyzed / "analysis" / "analysis.json") as f:
         analysis = json.load(f)
-    # The same model on the same held-out batches: the demo's own numbers again.
-    assert (analysis["routing"]["selection_frequency"]
-            == runs["global"]["routing"]["selection_frequency"])
-    assert analysis["heldout_loss"] == pytest.approx(runs["global"]["heldout_loss"], rel=1e-9)
+    demo_routing = runs["auxfree-global"]["routing"]
+    assert analysis["routing"]["selection_frequency"] == demo_routing["selection_frequency"]
+    assert sum(analysis["routing"]["topk_score_sum"], []) == pytest.approx(
+        sum(demo_routing["topk_score_sum"], []), rel=1e-9)
+    assert analysis["heldout_loss"] == pytest.approx(runs["auxfree-global"]["heldout_loss"],
+                                                     rel=1e-9)
     layers = len(analysis["routing"]["high_frequency_overlap"])
     assert layers == results["settings"]["num_layers"]
     for path in analysis["files"].values():
         assert_png(path)
-    checkpoint = torch.load(out / "global" / "model.pt", weights_only=False)
-    assert checkpoint["scope"] == "global" and checkpoint["domains"] == domains
+    checkpoint = torch.load(analyzed / "model.pt", weights_only=False)
+    assert checkpoint["scope"] == "auxfree-global" and checkpoint["domains"] == domains
+    assert checkpoint["model_overrides"]["moe_router_enable_expert_bias"]
+
+
+def lbl_and_aux_free_weights(rank, world_size, settings):
+    harness.init_model_parallel()
+    return [{name: param.detach() for name, param in demo.build_model(
+                settings.model_overrides(aux_free), settings.seq_length,
+                settings.seed).named_parameters()}
+            for aux_free in (False, True)]
+
+
+def test_lbl_and_aux_free_models_start_from_the_same_weights():
+    lbl, aux_free = harness.run_gloo(lbl_and_aux_free_weights, 1, demo.DemoSettings())[0]
+    # The aux-free router's expert bias is a buffer: the parameters are the same ones.
+    assert list(lbl) == list(aux_free)
+    for name, value in lbl.items():
+        assert torch.equal(value, aux_free[name]), name
