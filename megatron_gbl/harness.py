@@ -202,6 +202,12 @@ def moe_config(**overrides):
         add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
         pipeline_dtype=torch.float32,
     )
+    if model_parallel_initialized():
+        from megatron.core import parallel_state
+
+        # Without it every pipeline stage would build all the layers.
+        kwargs["pipeline_model_parallel_size"] = \
+            parallel_state.get_pipeline_model_parallel_world_size()
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
 
@@ -224,8 +230,12 @@ def build_gpt_moe(config, vocab_size: int = 64, max_sequence_length: int = 64, s
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
     )
+    # What Megatron's Float16Module does to the weights and buffers (the router's expert bias
+    # is kept fp32 by the router itself).
     if config.bf16:
         model = model.bfloat16()
+    elif config.fp16:
+        model = model.half()
     return model
 
 

@@ -53,6 +53,9 @@ def global_batch_lbl(
             num_tokens += x_NH.shape[0]
         else:
             counts_E, num_tokens = chosen_NE.sum(0), x_NH.shape[0]
+        if not x_NH.shape[0]:  # a micro-batch of padding only: no P, no loss
+            losses.append(weight_EH.sum() * 0)
+            continue
         f_E = counts_E / (topk * num_tokens)
         losses.append(weight_EH.shape[0] * (f_E * probs_NE.mean(0)).sum())
     values = [float(v.detach()) for v in losses]

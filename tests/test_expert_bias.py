@@ -126,9 +126,9 @@ def test_bf16_model_expert_load_exact():
     choices = TOPK * 8 * 128 * 4  # this rank's micro-batches x seq x bsz, top-2
     for buffer in ours["buffers"]:
         assert buffer["dtype"] == torch.int64
-        assert int(buffer["tokens_per_expert"].sum()) == choices
-        assert buffer["tokens_per_expert"].max() > 256  # beyond bf16's exact integers
-    exact = ours["buffers"][0]["tokens_per_expert"]  # same data, same routing: bias is 0
+        assert int(buffer["load_tokens_per_expert"].sum()) == choices
+        assert buffer["load_tokens_per_expert"].max() > 256  # beyond bf16's exact integers
+    exact = ours["buffers"][0]["load_tokens_per_expert"]  # same data and routing: bias is 0
     upstream_load = upstream["buffers"][0]["tokens_per_expert"]
     error = (upstream_load.double() - exact.double()).abs().max()
     print(f"\nbf16 model, {choices} expert choices per rank: megatron_gbl load int64, exact; "

@@ -33,6 +33,27 @@ def make_hidden(seed: int, microbatches: int, world_size: int, hidden_size: int,
     return hidden, padding
 
 
+DEAD_EXPERT = 7
+
+
+def step_data(spec: dict, step: int, world_size: int, hidden_size: int):
+    """(hidden[k][r], padding[k][r] or None) of a step of `router_steps`, for the reference too.
+
+    spec keys beyond make_hidden's: hidden (explicit hidden[k][r], the same every step),
+    all_padding (list of (k, r) whose micro-batch is all padding), dead_expert (inputs > 0, so
+    that with the router row of DEAD_EXPERT set to -100 that expert never gets a token).
+    """
+    if "hidden" in spec:
+        return spec["hidden"], None
+    hidden, padding = make_hidden(spec["seed"] + step, spec["microbatches"], world_size,
+                                  hidden_size, spec["padded"])
+    for k, r in spec.get("all_padding", []):
+        padding[k][r] = torch.ones_like(padding[k][r])
+    if spec.get("dead_expert"):
+        hidden = [[h.abs() + 0.1 for h in ranks] for ranks in hidden]
+    return hidden, padding
+
+
 def router_steps(rank: int, world_size: int, spec: dict) -> dict:
     """Train-mode router calls through one real TopKRouter, Megatron-style loss scaling.
 
@@ -56,6 +77,8 @@ def router_steps(rank: int, world_size: int, spec: dict) -> dict:
                                 moe_aux_loss_coeff=spec["coeff"])
     model = harness.build_gpt_moe(config)
     router = harness.routers_of(model)[0]
+    if spec.get("dead_expert"):
+        router.weight.data[DEAD_EXPERT] = -100.0
     if spec["scope"] is not None and not enable_first:
         megatron_gbl.enable(spec["scope"], **settings)
     tracker = compat.aux_losses_tracker()
@@ -65,8 +88,7 @@ def router_steps(rank: int, world_size: int, spec: dict) -> dict:
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / microbatches))
     seen = []
     for step in range(spec["steps"]):
-        hidden, padding = make_hidden(spec["seed"] + step, microbatches, world_size,
-                                      config.hidden_size, spec["padded"])
+        hidden, padding = step_data(spec, step, world_size, config.hidden_size)
         if spec["scope"] is not None:
             megatron_gbl.start_step(model, microbatches)
         elif spec["lbl_type"] == "global_aux_loss":
@@ -171,17 +193,8 @@ def model_steps(rank: int, world_size: int, spec: dict) -> dict:
     buffers = []
     for router in routers:
         state = getattr(router, "_megatron_gbl", None)
-        if state is not None and state.balancing.lbl_type is not None:
-            buf = state.buffer
-            tokens_per_expert, num_tokens = buf.prefix(buf.num_microbatches - 1)
-            buffers.append({"microbatches": buf.num_microbatches,
-                            "tokens_per_expert": tokens_per_expert.clone(),
-                            "num_tokens": int(num_tokens), "dtype": tokens_per_expert.dtype})
-        elif state is not None:  # aux-loss-free: the dispatched load of the step
-            load = torch.stack(state.load_counts).sum(0)
-            buffers.append({"microbatches": len(state.load_counts),
-                            "tokens_per_expert": load[:-1].clone(), "num_tokens": int(load[-1]),
-                            "dtype": load.dtype})
+        if state is not None:
+            buffers.append(_plugin_counts(state))
         elif getattr(router, "global_tokens_per_expert", None) is not None:
             buffers.append({"microbatches": float(router.ga_steps),
                             "tokens_per_expert": router.global_tokens_per_expert.clone(),
@@ -191,6 +204,23 @@ def model_steps(rank: int, world_size: int, spec: dict) -> dict:
                             "dtype": router.local_tokens_per_expert.dtype})
     megatron_gbl.disable()
     return {"grads": grads, "buffers": buffers}
+
+
+def _plugin_counts(state) -> dict:
+    """The step's LBL buffer (with an LBL) and the dispatched load (with expert bias)."""
+    counts = {}
+    if state.balancing.lbl_type is not None:
+        buf = state.buffer
+        tokens_per_expert, num_tokens = buf.prefix(buf.num_microbatches - 1)
+        counts.update(microbatches=buf.num_microbatches,
+                      tokens_per_expert=tokens_per_expert.clone(), num_tokens=int(num_tokens),
+                      dtype=tokens_per_expert.dtype)
+    if state.bias is not None:
+        load = torch.stack(state.load_counts).sum(0)
+        counts.update(load_tokens_per_expert=load[:-1].clone(), load_num_tokens=int(load[-1]))
+        counts.setdefault("microbatches", len(state.load_counts))
+        counts.setdefault("dtype", load.dtype)
+    return counts
 
 
 def model_runs(rank: int, world_size: int, specs: list) -> list:
@@ -285,13 +315,14 @@ def bias_router_steps(rank: int, world_size: int, spec: dict) -> dict:
         moe_aux_loss_coeff=spec.get("lbl_coeff", 0.0))
     model = harness.build_gpt_moe(config)
     router = harness.routers_of(model)[0]
+    if spec.get("dead_expert"):
+        router.weight.data[DEAD_EXPERT] = -100.0
     if spec["scope"] is not None:
         megatron_gbl.enable(spec["scope"], sync_group_size=spec.get("sync_group_size"),
                             model=model)
     biases, calls = [], []
     for step in range(spec["steps"]):
-        hidden, _ = make_hidden(spec["seed"] + step, spec["microbatches"], world_size,
-                                config.hidden_size, padded=False)
+        hidden, _ = step_data(dict(spec, padded=False), step, world_size, config.hidden_size)
         with (megatron_gbl.step(model, spec["microbatches"]) if spec["scope"] is not None
               else contextlib.nullcontext()):
             for k in range(spec["microbatches"]):
@@ -319,28 +350,66 @@ AUX_FREE = dict(moe_router_score_function="sigmoid", moe_router_enable_expert_bi
                 moe_aux_loss_coeff=0.0)
 
 
-def _train(model, optimizer, step_seeds, spec, rank, world_size) -> None:
-    """Optimizer steps through get_forward_backward_func, DP-averaged gradients, as DDP does."""
+def _train(model, optimizer, step_seeds, spec, fail_call=None, die_at_call=None) -> None:
+    """Optimizer steps through get_forward_backward_func, DP-averaged gradients, as DDP does.
+
+    optimizer None: gradients only. fail_call / die_at_call: when the forward step of that
+    micro-batch (0-based) starts, it raises / this process exits.
+    """
+    import os
+
+    from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     position_ids = torch.arange(spec["seq"]).unsqueeze(0).expand(spec["bsz"], -1)
 
-    def forward_step(data_iterator, model):
-        tokens = next(data_iterator)
-        output = model(tokens, position_ids, None, labels=tokens)
-        return output, lambda output_tensor: (output_tensor.float().mean(), {})
-
     for seed in step_seeds:
-        data = make_tokens(seed, spec["microbatches"], world_size, spec["seq"], spec["bsz"], 64)
+        calls = []
+
+        def forward_step(data_iterator, model):
+            if len(calls) == die_at_call:
+                os._exit(1)  # dies mid-step, no clean-up, like a crashed rank
+            if len(calls) == fail_call:
+                raise RuntimeError("injected failure")
+            calls.append(None)
+            tokens = next(data_iterator)
+            output = model(tokens, position_ids, None, labels=tokens)
+            return output, lambda output_tensor: (output_tensor.float().mean(), {})
+
+        # Data by data-parallel rank: every pipeline stage of a replica reads the same batches.
+        data = make_tokens(seed, spec["microbatches"], parallel_state.get_data_parallel_world_size(),
+                           spec["seq"], spec["bsz"], 64)
+        dp_rank = parallel_state.get_data_parallel_rank()
         model.zero_grad(set_to_none=True)
         get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter([d[rank] for d in data]),
+            forward_step_func=forward_step, data_iterator=iter([d[dp_rank] for d in data]),
             model=model, num_microbatches=spec["microbatches"], seq_length=spec["seq"],
             micro_batch_size=spec["bsz"], forward_only=False)
         for param in model.parameters():
             if param.grad is not None:
-                dist.all_reduce(param.grad, op=dist.ReduceOp.AVG)
-        optimizer.step()
+                dist.all_reduce(param.grad, op=dist.ReduceOp.AVG,
+                                group=parallel_state.get_data_parallel_group())
+        if optimizer is not None:
+            optimizer.step()
+
+
+def _fresh(spec: dict, init_seed: int = 0):
+    """A GPT-MoE of spec["config"] with the plugin at spec["scope"] (and spec["settings"]), and
+    its Adam optimizer."""
+    model = harness.build_gpt_moe(harness.moe_config(**spec["config"]), vocab_size=64,
+                                  max_sequence_length=spec["seq"], seed=init_seed)
+    megatron_gbl.enable(spec["scope"], model=model, **spec.get("settings", {}))
+    return model, torch.optim.Adam(model.parameters(), lr=1e-2)
+
+
+def trained_state(rank: int, world_size: int, spec: dict) -> dict:
+    """The state dict after spec["steps"] optimizer steps (see `_fresh`, `_train`)."""
+    if not harness.model_parallel_initialized():
+        harness.init_model_parallel()
+    model, optimizer = _fresh(spec)
+    _train(model, optimizer, range(spec["steps"]), spec)
+    megatron_gbl.disable()
+    return _tensors(model.state_dict())
 
 
 def resume_run(rank: int, world_size: int, spec: dict) -> dict:
@@ -352,40 +421,147 @@ def resume_run(rank: int, world_size: int, spec: dict) -> dict:
     """
     import os
 
-    if not harness.model_parallel_initialized():
-        harness.init_model_parallel()
-    config = harness.moe_config(**spec["config"])
-    seeds = [100 + s for s in range(spec["steps"])]
-
-    def fresh(init_seed):
-        model = harness.build_gpt_moe(config, vocab_size=64, max_sequence_length=spec["seq"],
-                                      seed=init_seed)
-        megatron_gbl.enable(spec["scope"], model=model)
-        return model, torch.optim.Adam(model.parameters(), lr=1e-2)
-
-    model, optimizer = fresh(0)
-    _train(model, optimizer, seeds, spec, rank, world_size)
-    uninterrupted = _tensors(model.state_dict())
-    megatron_gbl.disable()
-
-    model, optimizer = fresh(0)
-    _train(model, optimizer, seeds[:spec["first"]], spec, rank, world_size)
+    uninterrupted = trained_state(rank, world_size, spec)
+    model, optimizer = _fresh(spec)
+    _train(model, optimizer, range(spec["first"]), spec)
     path = os.path.join(spec["ckpt_dir"], f"rank{rank}.pt")
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, path)
     saved_bias = [r.expert_bias.clone() for r in harness.routers_of(model)]
     megatron_gbl.disable()
 
-    model, optimizer = fresh(1)  # other weights: only the checkpoint can make them equal
+    model, optimizer = _fresh(spec, init_seed=1)  # other weights: only the checkpoint matters
     checkpoint = torch.load(path, weights_only=False)
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     loaded_bias = [r.expert_bias.clone() for r in harness.routers_of(model)]
-    _train(model, optimizer, seeds[spec["first"]:], spec, rank, world_size)
+    _train(model, optimizer, range(spec["first"], spec["steps"]), spec)
     resumed = _tensors(model.state_dict())
     megatron_gbl.disable()
     return {"uninterrupted": uninterrupted, "resumed": resumed, "saved_bias": saved_bias,
             "loaded_bias": loaded_bias}
 
 
+def layout_grads(rank: int, world_size: int, spec: dict) -> dict:
+    """One step of a 4-layer GPT-MoE at pipeline size spec["pp"] (1F1B when 2) with weights set
+    from their global names, so every layout holds the same model: {global name: DP-averaged
+    gradient} of this rank's stage (data-parallel rank 0 only)."""
+    import zlib
+
+    from megatron.core import parallel_state
+
+    harness.init_model_parallel(pipeline_model_parallel_size=spec["pp"])
+    model = harness.build_gpt_moe(harness.moe_config(num_layers=4, **spec.get("config", {})),
+                                  vocab_size=64, max_sequence_length=spec["seq"])
+    names = _global_names(model)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 1:  # norms: the usual identity start
+                param.fill_(1.0 if name.endswith("weight") else 0.0)
+            else:
+                generator = torch.Generator().manual_seed(zlib.crc32(names[name].encode()))
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+    megatron_gbl.enable(spec["scope"], model=model)
+    _train(model, None, [3], spec)
+    megatron_gbl.disable()
+    if parallel_state.get_data_parallel_rank() != 0:
+        return {}
+    return {names[name]: param.grad.clone() for name, param in model.named_parameters()
+            if param.grad is not None}
+
+
+def _global_names(model) -> dict:
+    """Parameter name -> the same name with the layer's global index (pipeline stages number
+    their layers from 0)."""
+    names = {}
+    for name, _ in model.named_parameters():
+        parts = name.split(".")
+        if parts[:2] == ["decoder", "layers"]:
+            parts[2] = str(model.decoder.layers[int(parts[2])].layer_number - 1)
+        names[name] = ".".join(parts)
+    return names
+
+
 def _tensors(state_dict: dict) -> dict:
     return {k: v.clone() for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+
+
+
+def failing_step_run(rank: int, world_size: int, spec: dict) -> dict:
+    """Step A raises at its micro-batch `fail_call`, step B runs; against B alone, same start.
+
+    Returns the router gradients and expert biases after B, for both runs.
+    """
+    if not harness.model_parallel_initialized():
+        harness.init_model_parallel()
+    config = harness.moe_config(**spec["config"])
+    runs = {}
+    for label, steps in (("after_failed_step", [("A", spec["fail_call"]), ("B", None)]),
+                         ("alone", [("B", None)])):
+        model = harness.build_gpt_moe(config, vocab_size=64, max_sequence_length=spec["seq"])
+        megatron_gbl.enable(spec["scope"], model=model)
+        for name, fail_call in steps:
+            try:
+                _train(model, None, [{"A": 10, "B": 11}[name]], spec, fail_call=fail_call)
+            except RuntimeError as error:
+                assert "injected failure" in str(error), error
+        routers = harness.routers_of(model)
+        runs[label] = {"grads": [r.weight.grad.clone() for r in routers],
+                       "biases": [r.expert_bias.clone() for r in routers]}
+        megatron_gbl.disable()
+    return runs
+
+
+def nan_logits_run(rank: int, world_size: int, spec: dict) -> str:
+    """NaN router input in MoE layer 2 at step `nan_step`; returns the error the step raised."""
+    if not harness.model_parallel_initialized():
+        harness.init_model_parallel()
+    config = harness.moe_config(**spec.get("config", {}))
+    model = harness.build_gpt_moe(config, vocab_size=64, max_sequence_length=spec["seq"])
+    megatron_gbl.enable(spec["scope"], model=model)
+    router = harness.routers_of(model)[1]
+    steps_done = []
+    router.register_forward_pre_hook(
+        lambda module, args: (args[0] * float("nan"),) + args[1:]
+        if len(steps_done) == spec["nan_step"] else None)
+    for seed in range(spec["steps"]):
+        try:
+            _train(model, None, [seed], spec)
+        except FloatingPointError as error:
+            bias = [r.expert_bias.clone() for r in harness.routers_of(model)] \
+                if config.moe_router_enable_expert_bias else None
+            megatron_gbl.disable()
+            return {"error": str(error), "steps_done": len(steps_done), "bias": bias}
+        steps_done.append(seed)
+    megatron_gbl.disable()
+    return {"error": None, "steps_done": len(steps_done), "bias": None}
+
+
+def die_mid_step(rank: int, world_size: int, init_file: str, result_file: str,
+                 timeout_s: float) -> None:
+    """Rank 1 dies after the first micro-batch of step 2; rank 0 writes what it raised.
+
+    Runs in its own process (not through harness.run_gloo, which stops at the first death).
+    """
+    import datetime
+    import json
+    import os
+    import time
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
+    harness.install_cpu_shims()
+    harness.init_model_parallel()
+    spec = dict(microbatches=3, seq=8, bsz=2)
+    model = harness.build_gpt_moe(harness.moe_config(), vocab_size=64, max_sequence_length=8)
+    megatron_gbl.enable("global", model=model)
+    _train(model, None, [1], spec)
+    started = time.monotonic()
+    outcome = {"error": None}
+    try:
+        _train(model, None, [2], spec, die_at_call=1 if rank == 1 else None)
+    except Exception as error:  # noqa: BLE001 - reported to the test
+        outcome = {"error": f"{type(error).__name__}: {error}"}
+    outcome["seconds"] = time.monotonic() - started
+    with open(result_file, "w") as f:
+        json.dump(outcome, f)
+    os._exit(0)  # the peer is gone: skip the process group's shutdown
