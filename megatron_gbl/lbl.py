@@ -59,13 +59,14 @@ class RouterState:
     started: bool = False  # a step boundary was seen
     expected_microbatches: Optional[int] = None
     calls: int = 0  # training calls of this step
-    nonfinite_logits: Optional[torch.Tensor] = None  # bool []: a NaN or inf this step
     balance_tokens: Optional[Callable[[], torch.Tensor]] = None  # waits for the synced counts
     balance_sequences: int = 0
     # Local, unreduced statistics of each micro-batch of the step, for metrics.step_metrics:
-    # LBL [c, s, T] (float64, with an LBL) and the dispatched load [c, T] (int64, with bias).
+    # with an LBL, its counts [c, T] (int64) and probability sums s (float); with expert bias,
+    # the dispatched load [c, T] (int64). Converted once per step, not per call.
     microbatch_stats: list = field(default_factory=list)
     load_counts: list = field(default_factory=list)
+    logit_sums: list = field(default_factory=list)  # fp32 []: NaN or inf if a logit was
     shuffle_generator: Optional[torch.Generator] = None
 
     def __post_init__(self):
@@ -81,14 +82,17 @@ class RouterState:
         self.started = True
         self.expected_microbatches = expected_microbatches
         self.calls = 0
-        self.nonfinite_logits = None
+        self.logit_sums.clear()
 
     def note_logits(self, logits: torch.Tensor) -> None:
-        """Remember on the device whether this step's logits held a NaN or inf: checked once
-        per step (finish_step), so no host sync per call."""
-        nonfinite = ~torch.isfinite(logits).all()
-        self.nonfinite_logits = nonfinite if self.nonfinite_logits is None \
-            else self.nonfinite_logits | nonfinite
+        """Keep the sum of this call's logits on the device: it is NaN or inf when one of them
+        was (or when finite logits beyond 1e34 overflow it, broken too). Checked once per step
+        (`logits_finite`), so no host sync per call, and one reduction."""
+        self.logit_sums.append(logits.sum(dtype=torch.float32))
+
+    def logits_finite(self) -> Optional[torch.Tensor]:
+        """bool [] on the device: every logit of this step was finite; None before any call."""
+        return torch.isfinite(torch.stack(self.logit_sums)).all() if self.logit_sums else None
 
     def count_call(self) -> None:
         """One more training call (micro-batch) of this step; refuse one too many."""
@@ -135,12 +139,12 @@ def apply_scoped_lbl(
 
     probs_sum_E = scores_TE.sum(dim=0)
     local_counts = count_choices(routing_map_TE, num_local_tokens)  # one pass over the [T, E] map
-    state.microbatch_stats.append(microbatch_stats(local_counts, probs_sum_E))
+    state.microbatch_stats.append((local_counts, probs_sum_E.detach()))
     local_group = compat.tp_cp_group(router)
 
     micro_weights = None
     if settings.micro_coeff:
-        # A copy: the scoped sum below reduces local_counts in place.
+        # Copies, here and below: sums reduce in place, and the stats keep the local counts.
         micro_counts = PendingSum(local_counts.clone(), local_group, settings.blocking_sync,
                                   _what("micro-batch expert-count sum", router))
 
@@ -158,7 +162,7 @@ def apply_scoped_lbl(
         shuffled = None
         if settings.scope == "shuffle":
             shuffled = _shuffled_counts(router, state, settings, routing_map_TE, valid_T1)
-        weights = _batch_weights(router, state, settings, local_counts, group,
+        weights = _batch_weights(router, state, settings, local_counts.clone(), group,
                                  replicas=_size(group) // _size(local_group), bsz=bsz,
                                  shuffled=shuffled)
 
@@ -168,7 +172,7 @@ def apply_scoped_lbl(
         # parallel on every version (0.12-0.13 trackers log one rank's value otherwise). The
         # micro term's value is logged once per step as metrics' micro_batch_lbl.
         compat.log_to_tracker(router, compat.tracker_name(state.balancing.lbl_type),
-                              (weights_X * probs_sum.detach().double()).sum() /
+                              torch.dot(weights_X, probs_sum.detach().double()) /
                               state.balancing.coeff,
                               reduce_group=local_group,
                               avg_group=compat.tp_dp_cp_group(router))
@@ -328,16 +332,6 @@ def bias_groups(router, settings: Settings, sync_group):
     if _size(balance_group) == _size(average_group):
         average_group = None
     return balance_group, average_group
-
-
-def microbatch_stats(local_counts, probs_sum_E) -> torch.Tensor:
-    """[c_1..c_E, s_1..s_E, T] of this rank's valid tokens, float64 [2E+1], no gradient.
-
-    `local_counts` is `count_choices`'s [c_1..c_E, T]. float64 holds the integer counts exactly
-    (below 2^53), so one tensor carries all three.
-    """
-    counts = local_counts.double()
-    return torch.cat([counts[:-1], probs_sum_E.detach().double(), counts[-1:]])
 
 
 def count_choices(routing_map_TX, num_local_tokens) -> torch.Tensor:

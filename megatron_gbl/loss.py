@@ -66,11 +66,13 @@ def load_balancing_weights(
     Returns:
         float64 [..., E]; 0 where a token count is 0.
     """
-    # float64 keeps counts above 2^24 exact until the caller's final cast.
-    f_E = tokens_per_expert_E.double() / (topk * _nonzero(num_tokens_for_f.double()))
-    return f_E * (num_experts * coeff) / _nonzero(torch.as_tensor(num_tokens_for_p).double())
+    # float64 keeps counts above 2^24 exact until the caller's final cast. One division by
+    # T_f * T_p: this runs once per router call, where every kernel launch counts on a GPU.
+    num_tokens = _nonzero(num_tokens_for_f.double()) * _nonzero(num_tokens_for_p.double())
+    return tokens_per_expert_E.double() * (num_experts * coeff / topk) / num_tokens
 
 
 def _nonzero(num_tokens: torch.Tensor) -> torch.Tensor:
     # No tokens means every count and probability sum is 0 too: divide by 1 to get 0, not NaN.
-    return torch.where(num_tokens > 0, num_tokens, torch.ones_like(num_tokens))
+    # (Two element-wise kernels, where torch.where with a scalar takes three.)
+    return num_tokens + (num_tokens == 0)

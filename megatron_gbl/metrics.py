@@ -1,7 +1,8 @@
 """Per-step balance statistics for logging: computed without gradient, reduced once per step.
 
-Every router keeps, per micro-batch of the step, the local LBL statistics [c_1..c_E, s_1..s_E, T]
-(lbl.microbatch_stats; with an LBL) and the dispatched load [c_1..c_E, T] (with expert bias).
+Every router keeps, per micro-batch of the step, the local LBL statistics c_1..c_E, s_1..s_E, T
+(RouterState.microbatch_stats; with an LBL) and the dispatched load [c_1..c_E, T] (with expert
+bias).
 `step_metrics` packs them for all layers of this pipeline stage and reduces them at once:
 
 - one all-reduce over TP x CP of the per-micro-batch stats [L, M, X]: each micro-batch as
@@ -115,6 +116,11 @@ def step_metrics(routers: Sequence) -> Optional[StepMetrics]:
 
 def _microbatch_stats(state, has_lbl: bool, has_bias: bool) -> torch.Tensor:
     """[M, X] float64: the LBL stats [c, s, T] and/or the dispatched load [c, T] per micro-batch."""
-    parts = ([torch.stack(state.microbatch_stats)] if has_lbl else []) + (
-        [torch.stack(state.load_counts).double()] if has_bias else [])
+    parts = []
+    if has_lbl:
+        counts_MX = torch.stack([counts for counts, _ in state.microbatch_stats]).double()
+        probs_sums_ME = torch.stack([probs_sum for _, probs_sum in state.microbatch_stats])
+        parts += [counts_MX[:, :-1], probs_sums_ME.double(), counts_MX[:, -1:]]
+    if has_bias:
+        parts.append(torch.stack(state.load_counts).double())
     return torch.cat(parts, dim=-1)

@@ -236,13 +236,13 @@ def balance_bsz(model: Model) -> dict[int, BalanceBSZ]:
 
 
 def _check_logits_finite(routers: list[TopKRouter]) -> None:
-    flagged = [(router.layer_number, router._megatron_gbl.nonfinite_logits) for router in routers
-               if router._megatron_gbl.nonfinite_logits is not None]
-    if not flagged:
+    checked = [(router.layer_number, router._megatron_gbl.logits_finite()) for router in routers]
+    checked = [(layer, finite) for layer, finite in checked if finite is not None]
+    if not checked:
         return
-    nonfinite = torch.stack([flag for _, flag in flagged])
-    if bool(nonfinite.any()):  # the step's one host sync
-        layers = [layer for (layer, _), bad in zip(flagged, nonfinite.tolist()) if bad]
+    finite = torch.stack([flag for _, flag in checked])
+    if not bool(finite.all()):  # the step's one host sync
+        layers = [layer for (layer, _), ok in zip(checked, finite.tolist()) if not ok]
         raise FloatingPointError(
             f"megatron_gbl: router logits with NaN or inf in MoE layer(s) {layers} at training "
             f"iteration {_ITERATION} (0-based; Megatron-LM logs it as iteration "

@@ -3,7 +3,7 @@
 #   scripts/test_versions.sh                 # 0.12.3 0.14.0 0.16.1
 #   scripts/test_versions.sh 0.14.0          # just one
 # Venvs live in .venvs/mcore-<version> and are reused; torch is the CPU build 2.13.0.
-# TESTS="tests/a.py tests/b.py" runs a subset.
+# TESTS="tests/a.py tests/b.py" runs a subset; PYTEST_K="expression" selects tests within it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 versions=("$@")
@@ -21,7 +21,7 @@ for version in "${versions[@]}"; do
   fi
   "${venv}/bin/pip" install -q "megatron-core==${version}" -e ".[test]"
   # shellcheck disable=SC2086  # TESTS is a list of paths
-  if "${venv}/bin/python" -m pytest -q ${TESTS:-tests}; then
+  if "${venv}/bin/python" -m pytest -q ${TESTS:-tests} ${PYTEST_K:+-k "${PYTEST_K}"}; then
     summary+=("megatron-core ${version}: passed")
   else
     summary+=("megatron-core ${version}: FAILED")
