@@ -94,6 +94,24 @@ def host_syncs(fn, device: str):
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
+def aten_ops(fn) -> int:
+    """How many aten operators `fn()` dispatches, forward and backward: on a GPU nearly each
+    is a kernel launch, so where the router is launch-bound this is its cost."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    # Backward on this thread, where the counting mode is (CUDA's runs on a worker otherwise).
+    with torch.autograd.set_multithreading_enabled(False), Count():
+        fn()
+    return Count.ops
+
+
 def slowest(samples: dict) -> dict:
     """Each sample's maximum over ranks (a synchronous step lasts as long as its slowest rank).
 

@@ -81,7 +81,7 @@ def worker(rank: int, world_size: int, args) -> dict:
     common.setup_rank(args, world_size)
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / args.microbatches, device=args.device))
     gen = torch.Generator().manual_seed(rank)
-    samples, syncs, machine = {}, {}, common.machine(args.device)
+    samples, syncs, ops, machine = {}, {}, {}, common.machine(args.device)
     for num_experts in args.experts:
         routers = {t: make_router(args, num_experts, t) for t in ("aux_loss", "global_aux_loss")}
         for mbs in args.mbs:
@@ -101,10 +101,13 @@ def worker(rank: int, world_size: int, args) -> dict:
                             for clock, seconds in zip(CLOCKS, t):
                                 if step >= args.warmup:
                                     times[f"{shape} | {variant} | {clock}"].append(seconds)
-                for variant in VARIANTS:  # CUDA: does the call make the host wait?
+                for variant in VARIANTS:  # CUDA: does the call make the host wait? Launches?
                     router = configure(variant, routers, args.microbatches)
                     syncs[f"{shape} | {variant}"] = common.host_syncs(
                         functools.partial(call, router, part, inputs[0]), args.device)
+                    router = configure(variant, routers, args.microbatches)
+                    ops[f"{shape} | {variant}"] = common.aten_ops(
+                        functools.partial(call, router, part, inputs[0]))
                 megatron_gbl.disable()
                 samples.update(common.slowest(times))
                 if rank == 0:
@@ -112,7 +115,8 @@ def worker(rank: int, world_size: int, args) -> dict:
                         f"{v} {common.ms(samples[f'{shape} | {v} | wall']):.2f}" for v in VARIANTS),
                         flush=True)
     machine["load_avg_at_end"] = os.getloadavg()
-    return {"samples": samples, "host_syncs": syncs, "machine": machine, "world_size": world_size}
+    return {"samples": samples, "host_syncs": syncs, "aten_ops": ops, "machine": machine,
+            "world_size": world_size}
 
 
 def report(result: dict, args) -> None:
@@ -125,8 +129,9 @@ def report(result: dict, args) -> None:
         rows[shape] = {}
         print(shape)
         for variant in VARIANTS:
-            row = rows[shape][variant] = {"host_syncs_per_call": result["host_syncs"][
-                f"{shape} | {variant}"]}
+            row = rows[shape][variant] = {
+                "host_syncs_per_call": result["host_syncs"][f"{shape} | {variant}"],
+                "aten_ops_per_call": result["aten_ops"][f"{shape} | {variant}"]}
             line = f"  {variant:26s}"
             for clock in CLOCKS:
                 ts = samples[f"{shape} | {variant} | {clock}"]
@@ -135,8 +140,9 @@ def report(result: dict, args) -> None:
                 groups[clock].setdefault(shape.replace(f" top{args.topk}", ""), {})[variant] = (
                     ratio["median"], ratio["lo"], ratio["hi"])
                 line += f" {clock} {common.ms(ts):8.2f} ms x{common.fmt_ratio(ratio)}  "
+            line += f" aten ops {row['aten_ops_per_call']}"
             if row["host_syncs_per_call"] is not None:
-                line += f" host syncs per call: {row['host_syncs_per_call']}"
+                line += f", host syncs per call: {row['host_syncs_per_call']}"
             print(line)
     for clock in CLOCKS:
         print(f"target plugin global <= 1.05x upstream aux_loss ({clock}):")
