@@ -54,7 +54,7 @@ class ExpertBiasUpdater:
     def __init__(self, rate: float) -> None:
         self.rate = rate
         self.step_counts: Optional[torch.Tensor] = None  # int64 [E+1], local, global scope
-        self._pending = None  # (PendingSum of [c (E), T], balance group size, average group)
+        self._pending = None  # (PendingSum of [c (E), T], average group), micro/dp scope
         self.open = False  # a step is under way: started, not yet finished or discarded
         self.balance_tokens: Optional[torch.Tensor] = None  # tokens of the last update's counts
 

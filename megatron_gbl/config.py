@@ -78,15 +78,12 @@ class Settings:
                     f"megatron_gbl: {name} ({flag}) {value} only applies to scope 'dp' or "
                     f"'global', not {self.scope!r}; drop it or change the scope (--moe-lbl-scope)"
                 )
-        if isinstance(self.shuffle_seed, bool) or not isinstance(self.shuffle_seed, int) \
-                or self.shuffle_seed < 0:
+        if not _int_at_least(self.shuffle_seed, 0):
             raise ValueError(
                 f"megatron_gbl: shuffle_seed (Megatron-LM: --seed) must be an int >= 0, got "
                 f"{self.shuffle_seed!r}"
             )
-        if self.sync_group_size is not None and (
-                isinstance(self.sync_group_size, bool) or not isinstance(self.sync_group_size, int)
-                or self.sync_group_size < 1):
+        if self.sync_group_size is not None and not _int_at_least(self.sync_group_size, 1):
             raise ValueError(
                 f"megatron_gbl: sync_group_size (--moe-lbl-sync-group-size) must be a positive "
                 f"int (data-parallel ranks per balance block), got {self.sync_group_size!r}"
@@ -105,8 +102,7 @@ class Settings:
                 f"megatron_gbl: switch_scope (--moe-lbl-switch-scope) {self.switch_scope!r} is "
                 "already the scope (--moe-lbl-scope); drop the switch or pick another scope"
             )
-        if isinstance(self.switch_iteration, bool) or not isinstance(self.switch_iteration, int) \
-                or self.switch_iteration < 1:
+        if not _int_at_least(self.switch_iteration, 1):
             raise ValueError(
                 f"megatron_gbl: switch_iteration (--moe-lbl-switch-iteration) must be an int >= 1 "
                 f"(the number of iterations run at the first scope), got {self.switch_iteration!r}"
@@ -137,6 +133,10 @@ class Settings:
             self, scope=scope, switch_scope=None, switch_iteration=None,
             sync_group_size=self.sync_group_size if dp_sync else None,
             micro_coeff=self.micro_coeff if dp_sync else 0.0)
+
+
+def _int_at_least(value, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
 def check_sync_group_size(sync_group_size: int, data_parallel_size: int) -> None:
