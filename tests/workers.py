@@ -151,45 +151,20 @@ def model_steps(rank: int, world_size: int, spec: dict) -> dict:
     pp (pipeline stages; the 1F1B schedule when > 1).
     Returns the DP-averaged gradients of the last step and the routers' buffer state.
     """
-    from megatron.core import parallel_state
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     if not harness.model_parallel_initialized():
         harness.init_model_parallel(pipeline_model_parallel_size=spec.get("pp", 1))
     config = harness.moe_config(**spec.get("config", {}))
     model = harness.build_gpt_moe(config, vocab_size=64, max_sequence_length=spec["seq"])
     if spec["scope"] is not None:
         megatron_gbl.enable(spec["scope"], model=model)
-    position_ids = torch.arange(spec["seq"]).unsqueeze(0).expand(spec["bsz"], -1)
-
-    def forward_step(data_iterator, model):
-        tokens = next(data_iterator)
-        output = model(tokens, position_ids, None, labels=tokens)
-
-        def loss_func(output_tensor):
-            loss = output_tensor.float().mean()
-            return (loss if spec.get("lm_loss", True) else loss * 0), {"lm loss": loss.detach()}
-
-        return output, loss_func
-
     routers = harness.routers_of(model)
     for seed in spec["step_seeds"]:
-        data = make_tokens(seed, spec["microbatches"], world_size, spec["seq"], spec["bsz"], 64)
-        model.zero_grad(set_to_none=True)
         if spec["scope"] is None and config.moe_router_load_balancing_type == "global_aux_loss":
             for router in routers:
                 router.reset_global_aux_loss_tracker()
-        get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter([d[rank] for d in data]),
-            model=model, num_microbatches=spec["microbatches"], seq_length=spec["seq"],
-            micro_batch_size=spec["bsz"], forward_only=False,
-        )
-    grads = {}
-    for name, param in model.named_parameters():
-        if param.grad is not None:
-            grad = param.grad.detach().float().clone()
-            dist.all_reduce(grad, op=dist.ReduceOp.AVG, group=parallel_state.get_data_parallel_group())
-            grads[name] = grad
+        _train(model, None, [seed], spec)
+    grads = {name: param.grad.detach().float().clone() for name, param in model.named_parameters()
+             if param.grad is not None}
     buffers = []
     for router in routers:
         state = getattr(router, "_megatron_gbl", None)
@@ -353,8 +328,9 @@ AUX_FREE = dict(moe_router_score_function="sigmoid", moe_router_enable_expert_bi
 def _train(model, optimizer, step_seeds, spec, fail_call=None, die_at_call=None) -> None:
     """Optimizer steps through get_forward_backward_func, DP-averaged gradients, as DDP does.
 
-    optimizer None: gradients only. fail_call / die_at_call: when the forward step of that
-    micro-batch (0-based) starts, it raises / this process exits.
+    optimizer None: gradients only. spec["lm_loss"] False keeps only the aux gradients.
+    fail_call / die_at_call: when the forward step of that micro-batch (0-based) starts, it
+    raises / this process exits.
     """
     import os
 
@@ -374,7 +350,9 @@ def _train(model, optimizer, step_seeds, spec, fail_call=None, die_at_call=None)
             calls.append(None)
             tokens = next(data_iterator)
             output = model(tokens, position_ids, None, labels=tokens)
-            return output, lambda output_tensor: (output_tensor.float().mean(), {})
+            # lm_loss False: a zero main loss, so only the aux gradients flow (Megatron's trick).
+            scale = 1.0 if spec.get("lm_loss", True) else 0.0
+            return output, lambda output_tensor: (output_tensor.float().mean() * scale, {})
 
         # Data by data-parallel rank: every pipeline stage of a replica reads the same batches.
         data = make_tokens(seed, spec["microbatches"], parallel_state.get_data_parallel_world_size(),
