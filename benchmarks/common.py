@@ -95,21 +95,35 @@ def host_syncs(fn, device: str):
 
 
 def aten_ops(fn) -> int:
-    """How many aten operators `fn()` dispatches, forward and backward: on a GPU nearly each
-    is a kernel launch, so where the router is launch-bound this is its cost."""
+    """How many aten operators `fn()` dispatches that run a kernel, forward and backward: on a
+    GPU each is a kernel launch, so where the router is launch-bound this is its cost. Views
+    (`view`, `select`, `detach`, ...) and bare allocations run none and are not counted."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
         ops = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.ops += 1
+            Count.ops += _runs_a_kernel(func)
             return func(*args, **(kwargs or {}))
 
     # Backward on this thread, where the counting mode is (CUDA's runs on a worker otherwise).
     with torch.autograd.set_multithreading_enabled(False), Count():
         fn()
     return Count.ops
+
+
+def _runs_a_kernel(func) -> bool:
+    if func.__name__.split(".")[0] in ("empty", "empty_like", "new_empty", "empty_strided"):
+        return False
+    # A view returns an alias it does not write (schema "Tensor(a)"; in-place is "Tensor(a!)").
+    return not any(ret.alias_info is not None and not ret.alias_info.is_write
+                   for ret in func._schema.returns)
+
+
+def per_call(count, microbatches: int):
+    """A per-step count (None: not measured) per micro-batch call."""
+    return None if count is None else count / microbatches
 
 
 def slowest(samples: dict) -> dict:

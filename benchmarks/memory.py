@@ -1,11 +1,18 @@
 """Bytes the plugin keeps per router, from the formula and measured on a real router.
 
-Per router, for a step of M micro-batches with E experts (megatron_gbl/lbl.py, buffer.py):
-    synced counts    [c_1..c_E, T] int64 per micro-batch (summed in place by the all-reduce)
-    prefix sums      Σ_{j<=k} of those, int64, for k >= 1 (k = 0 is the counts tensor itself)
-    metrics stats    [c_1..c_E, s_1..s_E, T] float64 per micro-batch, for step_metrics
-    (micro_coeff > 0 adds an int64 [E+1] per micro-batch that lives only until its backward.)
-Scopes micro/dp/seq keep the metrics stats and the last micro-batch's counts only.
+Per router, for a step of M micro-batches with E experts (megatron_gbl/lbl.py, buffer.py), every
+scope keeps per micro-batch, until the next step starts:
+    local counts     [c_1..c_E, T] int64, for step_metrics
+    probability sums s_1..s_E in the router's dtype, for step_metrics and the logged LBL
+    LBL weights      w_1..w_E float64, for the logged LBL (metrics.log_lbl)
+    logit sum        float32 [], for the NaN/inf check
+and on top, by scope:
+    global           the synced counts [c, T] int64 per micro-batch (a copy the all-reduce sums in
+                     place) and their prefix sums Σ_{j<=k}, int64, for k >= 1 (k = 0 is the
+                     synced counts themselves)
+    dp               the last micro-batch's synced counts
+    micro            nothing at TP x CP = 1 (no sum, so no copy); the last synced counts otherwise
+(micro_coeff > 0 adds an int64 [E+1] per micro-batch that lives only until its backward.)
 Upstream global_aux_loss keeps float32 [E] plus a float32 scalar per router; aux_loss keeps none.
 
 The measurement walks everything reachable from `router._megatron_gbl` after a step (objects,
@@ -46,12 +53,16 @@ def read_args(path: str) -> dict:
     return flags
 
 
-def plugin_bytes(experts: int, microbatches: int, scope: str = "global") -> int:
+def plugin_bytes(experts: int, microbatches: int, scope: str = "global",
+                 probs_bytes: int = FLOAT32) -> int:
+    """The formula of the module docstring, at TP x CP = 1."""
     counts = (experts + 1) * INT64
-    stats = microbatches * (2 * experts + 1) * FLOAT64
+    kept = microbatches * (counts + experts * probs_bytes + experts * FLOAT64 + FLOAT32)
     if scope == "global":
-        return microbatches * counts + (microbatches - 1) * counts + stats
-    return counts + stats
+        return kept + microbatches * counts + (microbatches - 1) * counts
+    if scope == "dp":
+        return kept + counts
+    return kept
 
 
 def upstream_bytes(experts: int, lbl_type: str) -> int:
@@ -96,10 +107,10 @@ def measure(rank: int, world_size: int, experts: int, microbatches: int) -> dict
     measured = {}
     for scope in ("micro", "dp", "global"):
         megatron_gbl.enable(scope)
-        megatron_gbl.start_step(router, microbatches)
-        for _ in range(microbatches):
-            probs, _ = router(torch.randn(64, 2, config.hidden_size))
-            (probs * 0).sum().backward()
+        with megatron_gbl.step(router, microbatches):
+            for _ in range(microbatches):
+                probs, _ = router(torch.randn(64, 2, config.hidden_size))
+                (probs * 0).sum().backward()
         measured[scope] = reachable_tensor_bytes(router._megatron_gbl)
         megatron_gbl.disable()
     return measured
@@ -124,8 +135,8 @@ def main(argv=None) -> None:
     for lbl_type in ("aux_loss", "global_aux_loss"):
         print(f"  upstream {lbl_type:19s} {upstream_bytes(e, lbl_type):9d}")
     per_slot = plugin_bytes(e, m) / m
-    print(f"  plugin global per micro-batch slot: <= {per_slot:.0f} bytes = "
-          f"{per_slot / 8:.0f} 8-byte words for E={e} (2(E+1) int64 + (2E+1) float64)")
+    print(f"  plugin global per micro-batch slot: {per_slot:.0f} bytes on average for E={e} "
+          "(at most 3(E+1) int64 + E float64 + E float32 + 1 float32)")
     total = layers * plugin_bytes(e, m)
     print(f"  whole model, {layers} MoE layers: plugin global {total} bytes "
           f"({total / 2**10:.1f} KiB), upstream global_aux_loss "

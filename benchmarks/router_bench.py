@@ -6,10 +6,12 @@ Variants, interleaved step by step on the same weights and inputs:
     plugin micro / dp / global megatron_gbl.enable(scope) on the aux_loss router
 
 Two parts are timed: `router` (gating GEMM + routing + LBL, what a layer pays) and `routing`
-(from the logits on, where the variants differ). A step is `--microbatches` calls with the
-gradient-accumulation loss scale; each call is one sample (the slowest rank's time), with a
-barrier before it, timed by the wall clock and by the process's CPU time. Ratios are
-per-sample paired against upstream aux_loss. Needs megatron-core >= 0.15 (global_aux_loss).
+(from the logits on, where the variants differ). A sample is one optimizer step: its
+`--microbatches` calls with the gradient-accumulation loss scale, and the work at its boundary
+(the plugin's start_step/finish_step, where it logs; upstream global_aux_loss's tracker reset).
+It is the slowest rank's time, with a barrier before it, by the wall clock and by the process's
+CPU time, reported per call (step / micro-batches). Ratios are per-sample paired against
+upstream aux_loss. Needs megatron-core >= 0.15 (global_aux_loss).
 
     python -m benchmarks.router_bench                        # paper shapes, 2 gloo ranks on CPU
     python -m benchmarks.router_bench --mbs 1 --steps 2      # shorter
@@ -63,16 +65,25 @@ def call(router, part: str, inputs: torch.Tensor):
     (probs * 0).sum().backward()
 
 
-def configure(variant: str, routers: dict, microbatches: int) -> torch.nn.Module:
-    """Switch the plugin for `variant`, start its step; the router to call."""
+def configure(variant: str, routers: dict) -> torch.nn.Module:
+    """Switch the plugin on or off for `variant`; the router to call."""
     if variant.startswith("plugin"):
         megatron_gbl.enable(variant.split()[1])
-        megatron_gbl.start_step(routers["aux_loss"], microbatches)
         return routers["aux_loss"]
     megatron_gbl.disable()
-    router = routers[variant.split()[1]]
-    router.reset_global_aux_loss_tracker()
-    return router
+    return routers[variant.split()[1]]
+
+
+def train_step(variant: str, router, part: str, inputs: list) -> None:
+    """One optimizer step of `router`: a call per micro-batch, and the step boundary's work."""
+    if variant.startswith("plugin"):
+        with megatron_gbl.step(router, len(inputs)):
+            for microbatch in inputs:
+                call(router, part, microbatch)
+    else:
+        router.reset_global_aux_loss_tracker()  # what Megatron-LM does once per step
+        for microbatch in inputs:
+            call(router, part, microbatch)
 
 
 def worker(rank: int, world_size: int, args) -> dict:
@@ -93,21 +104,21 @@ def worker(rank: int, world_size: int, args) -> dict:
                 times = {f"{shape} | {v} | {clock}": [] for v in VARIANTS for clock in CLOCKS}
                 for step in range(args.warmup + args.steps):
                     for variant in common.rotate(list(VARIANTS), step):
-                        router = configure(variant, routers, args.microbatches)
-                        for k in range(args.microbatches):
-                            dist.barrier()
-                            t = common.timed(functools.partial(call, router, part, inputs[k]),
-                                             args.device)
-                            for clock, seconds in zip(CLOCKS, t):
-                                if step >= args.warmup:
-                                    times[f"{shape} | {variant} | {clock}"].append(seconds)
-                for variant in VARIANTS:  # CUDA: does the call make the host wait? Launches?
-                    router = configure(variant, routers, args.microbatches)
-                    syncs[f"{shape} | {variant}"] = common.host_syncs(
-                        functools.partial(call, router, part, inputs[0]), args.device)
-                    router = configure(variant, routers, args.microbatches)
-                    ops[f"{shape} | {variant}"] = common.aten_ops(
-                        functools.partial(call, router, part, inputs[0]))
+                        run = functools.partial(train_step, variant, configure(variant, routers),
+                                                part, inputs)
+                        dist.barrier()
+                        t = common.timed(run, args.device)
+                        for clock, seconds in zip(CLOCKS, t):
+                            if step >= args.warmup:
+                                times[f"{shape} | {variant} | {clock}"].append(
+                                    seconds / args.microbatches)
+                for variant in VARIANTS:  # CUDA: does a call make the host wait? Launches?
+                    run = functools.partial(train_step, variant, configure(variant, routers),
+                                            part, inputs)
+                    syncs[f"{shape} | {variant}"] = common.per_call(
+                        common.host_syncs(run, args.device), args.microbatches)
+                    ops[f"{shape} | {variant}"] = common.per_call(common.aten_ops(run),
+                                                                  args.microbatches)
                 megatron_gbl.disable()
                 samples.update(common.slowest(times))
                 if rank == 0:

@@ -55,19 +55,16 @@ class ExpertBiasUpdater:
         self.rate = rate
         self.step_counts: Optional[torch.Tensor] = None  # int64 [E+1], local, global scope
         self._pending = None  # (PendingSum of [c (E), T], average group), micro/dp scope
-        self.open = False  # a step is under way: started, not yet finished or discarded
         self.balance_tokens: Optional[torch.Tensor] = None  # tokens of the last update's counts
 
     def start_step(self) -> None:
         self.step_counts = None
         self._pending = None
-        self.open = True
 
     def close_step(self) -> None:
         """End the step without applying anything more (finished, or discarded after a fault)."""
         self.step_counts = None
         self._pending = None
-        self.open = False
 
     @property
     def recorded(self) -> bool:

@@ -15,7 +15,7 @@ def all_reduce_sum(tensor: torch.Tensor, group, what: str = "an all-reduce") -> 
     return PendingSum(tensor, group, blocking=True, what=what).wait()
 
 
-def _spans_ranks(group) -> bool:
+def spans_ranks(group) -> bool:
     return group is not None and dist.get_world_size(group) > 1
 
 
@@ -32,7 +32,7 @@ class _Pending:
         self._tensor = tensor
         self._work = None
         self._what = what
-        if _spans_ranks(group):
+        if spans_ranks(group):
             with self._named():
                 self._work = issue(async_op=not blocking)
 
@@ -75,7 +75,7 @@ class PendingGather(_Pending):
     def __init__(self, tensor: torch.Tensor, group, blocking: bool = False,
                  what: str = "an all-gather") -> None:
         issue = None
-        if _spans_ranks(group):
+        if spans_ranks(group):
             gathered = tensor.new_empty((dist.get_world_size(group) * tensor.shape[0],
                                          *tensor.shape[1:]))
             # all_gather_single replaces all_gather_into_tensor in newer torch releases.

@@ -217,15 +217,14 @@ def tracker_num_layers(config) -> int:
     return config.num_layers + (getattr(config, "mtp_num_layers", None) or 0)
 
 
-def aux_loss_backward_scale(router, num_local_tokens: torch.Tensor) -> torch.Tensor:
-    """The factor Megatron's MoEAuxLossAutoScaler gives an aux loss's gradient.
+def aux_loss_backward_scale(router, num_local_tokens):
+    """The factor Megatron's MoEAuxLossAutoScaler gives an aux loss's gradient; None for 1.
 
     That is the main loss's scale (1 / micro-batches, and the loss scaler's factor); in
     per-token-loss mode Megatron divides every gradient by the global token count, and scaling
-    by the local count restores the per-micro-batch mean (as upstream does).
+    by the local count (an int or int64 []) restores the per-micro-batch mean (as upstream does).
     """
     scale = moe_utils.MoEAuxLossAutoScaler.main_loss_backward_scale
-    scale = torch.ones((), device=num_local_tokens.device) if scale is None else scale
     if router.config.calculate_per_token_loss:
-        scale = scale * num_local_tokens
+        scale = num_local_tokens if scale is None else scale * num_local_tokens
     return scale

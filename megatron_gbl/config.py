@@ -118,11 +118,6 @@ class Settings:
     def uses_dp_sync(self) -> bool:
         return self.scope in DP_SYNC_SCOPES
 
-    @property
-    def needs_step_boundary(self) -> bool:
-        """Whether training must mark steps (the schedules do): a buffer, a switch, or both."""
-        return "global" in self.scopes or self.switch_scope is not None
-
     def at(self, iteration: int) -> "Settings":
         """The settings in force at training iteration `iteration` (0-based), switch applied."""
         scope = self.scope

@@ -19,7 +19,8 @@ With `micro_coeff` > 0 (dp/global), micro_coeff * LBL of the micro-batch over TP
 No barrier in the forward pass: L is linear in the probability sums s_i, L = Σ_i w_i s_i with
 w = ∂L/∂s known once the counts are (loss.load_balancing_weights). The count all-reduce is
 issued asynchronously in the forward and waited for in this layer's backward, where w is first
-needed; the logged value Σ_i w_i s_i is recorded there too.
+needed. There w and s are kept, and the logged value Σ_i w_i s_i is computed once per step
+for all micro-batches (metrics.log_lbl).
 
 The expert load of auxiliary-loss-free balancing (bias.py) is counted on the routing map the
 router dispatched (biased top-k), not on the plain top-k the LBL uses.
@@ -33,7 +34,7 @@ from typing import Callable, Optional
 
 import torch
 
-from megatron_gbl import compat
+from megatron_gbl import comm, compat
 from megatron_gbl.bias import ExpertBiasUpdater
 from megatron_gbl.buffer import StepBuffer
 from megatron_gbl.comm import PendingGather, PendingSum
@@ -56,7 +57,7 @@ class RouterState:
     balancing: Balancing
     buffer: StepBuffer = field(default_factory=StepBuffer)
     bias: Optional[ExpertBiasUpdater] = None
-    started: bool = False  # a step boundary was seen
+    in_step: bool = False  # started, not yet finished or discarded
     expected_microbatches: Optional[int] = None
     calls: int = 0  # training calls of this step
     balance_tokens: Optional[Callable[[], torch.Tensor]] = None  # waits for the synced counts
@@ -66,6 +67,7 @@ class RouterState:
     # the dispatched load [c, T] (int64). Converted once per step, not per call.
     microbatch_stats: list = field(default_factory=list)
     load_counts: list = field(default_factory=list)
+    lbl_terms: list = field(default_factory=list)  # (w float64, s) per backward: metrics.log_lbl
     logit_sums: list = field(default_factory=list)  # fp32 []: NaN or inf if a logit was
     shuffle_generator: Optional[torch.Generator] = None
 
@@ -77,12 +79,19 @@ class RouterState:
         self.buffer.reset()
         self.microbatch_stats.clear()
         self.load_counts.clear()
+        self.lbl_terms.clear()
         if self.bias is not None:
             self.bias.start_step()
-        self.started = True
+        self.in_step = True
         self.expected_microbatches = expected_microbatches
         self.calls = 0
         self.logit_sums.clear()
+
+    def close_step(self) -> None:
+        """The step finished or was discarded: no training call until the next start_step."""
+        self.in_step = False
+        if self.bias is not None:
+            self.bias.close_step()
 
     def note_logits(self, logits: torch.Tensor) -> None:
         """Keep the sum of this call's logits on the device: it is NaN or inf when one of them
@@ -90,9 +99,9 @@ class RouterState:
         (`logits_finite`), so no host sync per call, and one reduction."""
         self.logit_sums.append(logits.sum(dtype=torch.float32))
 
-    def logits_finite(self) -> Optional[torch.Tensor]:
-        """bool [] on the device: every logit of this step was finite; None before any call."""
-        return torch.isfinite(torch.stack(self.logit_sums)).all() if self.logit_sums else None
+    def logits_finite(self) -> bool:
+        """Every logit of this step was finite (a host sync)."""
+        return not self.logit_sums or bool(torch.isfinite(torch.stack(self.logit_sums)).all())
 
     def count_call(self) -> None:
         """One more training call (micro-batch) of this step; refuse one too many."""
@@ -144,8 +153,8 @@ def apply_scoped_lbl(
 
     micro_weights = None
     if settings.micro_coeff:
-        # Copies, here and below: sums reduce in place, and the stats keep the local counts.
-        micro_counts = PendingSum(local_counts.clone(), local_group, settings.blocking_sync,
+        micro_counts = PendingSum(_to_sum(local_counts, local_group), local_group,
+                                  settings.blocking_sync,
                                   _what("micro-batch expert-count sum", router))
 
         def micro_weights():
@@ -162,24 +171,21 @@ def apply_scoped_lbl(
         shuffled = None
         if settings.scope == "shuffle":
             shuffled = _shuffled_counts(router, state, settings, routing_map_TE, valid_T1)
-        weights = _batch_weights(router, state, settings, local_counts.clone(), group,
+        weights = _batch_weights(router, state, settings, _to_sum(local_counts, group), group,
                                  replicas=_size(group) // _size(local_group), bsz=bsz,
                                  shuffled=shuffled)
 
     def backward_weights() -> torch.Tensor:
         weights_X = weights()
-        # Logged like upstream (loss / coeff, summed over TP x CP), and averaged over data
-        # parallel on every version (0.12-0.13 trackers log one rank's value otherwise). The
-        # micro term's value is logged once per step as metrics' micro_batch_lbl.
-        compat.log_to_tracker(router, compat.tracker_name(state.balancing.lbl_type),
-                              torch.dot(weights_X, probs_sum.detach().double()) /
-                              state.balancing.coeff,
-                              reduce_group=local_group,
-                              avg_group=compat.tp_dp_cp_group(router))
+        # Kept for the logged LBL; micro_coeff's term is logged as micro_batch_lbl instead.
+        state.lbl_terms.append((weights_X, probs_sum.detach()))
         if micro_weights is not None:
             weights_X = weights_X + micro_weights()
         scale = compat.aux_loss_backward_scale(router, num_local_tokens)
-        return (weights_X * scale).to(probs_sum.dtype)
+        if scale is None:
+            return weights_X.to(probs_sum.dtype)
+        # Scaled straight into the probabilities' dtype: one kernel for the product and the cast.
+        return torch.mul(weights_X, scale, out=torch.empty_like(probs_sum))
 
     return _DeferredLBL.apply(probs, probs_sum, backward_weights)
 
@@ -228,9 +234,9 @@ def _batch_weights(router, state, settings, counts, group, replicas: int, bsz: i
 
     def weights():
         tokens_per_expert_E, num_tokens_for_f = counts_for_f()
-        return load_balancing_weights(tokens_per_expert_E, num_tokens_for_f,
-                                      synced.wait()[-1] / replicas, router.topk, num_experts,
-                                      state.balancing.coeff)
+        # P is a mean over T_k / R tokens per replica: T_k tokens and R x the coefficient.
+        return load_balancing_weights(tokens_per_expert_E, num_tokens_for_f, synced.wait()[-1],
+                                      router.topk, num_experts, state.balancing.coeff * replicas)
 
     return weights
 
@@ -251,10 +257,11 @@ def _sequence_weights(router, state, settings, scores_TE, routing_map_TE, num_lo
     state.balance_sequences = 1
 
     def weights():
+        # Each sequence's f and P over T / B tokens, and the mean over the B sequences:
+        # coeff / B / (T / B)^2 = coeff * B / T^2, so T tokens and B x the coefficient.
         counts = synced.wait()
-        tokens_per_seq = counts[-1] / bsz
-        return load_balancing_weights(counts[:-1], tokens_per_seq, tokens_per_seq, router.topk,
-                                      num_experts, state.balancing.coeff) / bsz
+        return load_balancing_weights(counts[:-1], counts[-1], counts[-1], router.topk,
+                                      num_experts, state.balancing.coeff * bsz)
 
     return scores_TE.reshape(seq_length, bsz * num_experts).sum(dim=0), weights
 
@@ -339,16 +346,26 @@ def count_choices(routing_map_TX, num_local_tokens) -> torch.Tensor:
 
     int64 keeps the sum exact on every backend and at any scale (no float count ever exists).
     """
-    return torch.cat([routing_map_TX.sum(dim=0, dtype=torch.int64), num_local_tokens.view(1)])
+    counts = routing_map_TX.new_empty(routing_map_TX.shape[1] + 1, dtype=torch.int64)
+    # Summed into place, not concatenated: a kernel fewer per router call.
+    torch.sum(routing_map_TX, dim=0, dtype=torch.int64, out=counts[:-1])
+    counts[-1:].fill_(num_local_tokens)
+    return counts
 
 
 def _valid_tokens(padding_mask_SB: Optional[torch.Tensor], like_TE: torch.Tensor):
-    """(valid bool [T, 1] or None without padding, number of valid tokens int64 [])."""
+    """(valid bool [T, 1] or None without padding, number of valid tokens: an int without
+    padding, so no host-to-device copy (a sync on CUDA), else int64 [] on the device)."""
     if padding_mask_SB is None:
-        # torch.full, not torch.tensor: no host-to-device copy (a sync on CUDA) per call.
-        return None, torch.full((), like_TE.shape[0], dtype=torch.int64, device=like_TE.device)
+        return None, like_TE.shape[0]
     valid_T1 = ~padding_mask_SB.reshape(-1, 1)
     return valid_T1, valid_T1.sum(dtype=torch.int64)
+
+
+def _to_sum(local_counts: torch.Tensor, group) -> torch.Tensor:
+    """What to sum in place over `group`: a copy where the sum writes (the step's statistics
+    keep the local counts), the counts themselves where there is nothing to sum."""
+    return local_counts.clone() if comm.spans_ranks(group) else local_counts
 
 
 def _what(collective: str, router) -> str:

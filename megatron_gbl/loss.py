@@ -60,19 +60,18 @@ def load_balancing_weights(
         num_tokens_for_f: T_f, the number of tokens c was counted over: a tensor of shape []
             or [..., 1] (one per leading index).
         num_tokens_for_p: T_p, the number of tokens P is a mean over, shaped like T_f.
+            Both token counts are integers (int64, or float64 holding integers); a mean over
+            T / R tokens is T tokens with coeff * R, as w is linear in 1 / T_p.
         topk: K, expert choices per token.
         num_experts: N_E (the trailing axis may be longer, e.g. B*E for the per-sequence loss).
         coeff: the loss weight (Megatron's moe_aux_loss_coeff).
     Returns:
-        float64 [..., E]; 0 where a token count is 0.
+        float64 [..., E]; 0 where T_f is 0, and at most coeff * N_E / K where T_p is 0 (there s
+        is 0 too: the loss is 0, and the gradient stays finite in fp16).
     """
-    # float64 keeps counts above 2^24 exact until the caller's final cast. One division by
-    # T_f * T_p: this runs once per router call, where every kernel launch counts on a GPU.
-    num_tokens = _nonzero(num_tokens_for_f.double()) * _nonzero(num_tokens_for_p.double())
-    return tokens_per_expert_E.double() * (num_experts * coeff / topk) / num_tokens
-
-
-def _nonzero(num_tokens: torch.Tensor) -> torch.Tensor:
-    # No tokens means every count and probability sum is 0 too: divide by 1 to get 0, not NaN.
-    # (Two element-wise kernels, where torch.where with a scalar takes three.)
-    return num_tokens + (num_tokens == 0)
+    # float64 keeps counts and token products above 2^24 exact until the caller's final cast.
+    # One [] (or [..., 1]) denominator, then one division of the counts: this runs once per
+    # router call, where every kernel launch counts on a GPU. No tokens means no choices either:
+    # dividing by 1 instead of 0 gives 0, not NaN.
+    num_tokens = num_tokens_for_f.clamp(min=1) * num_tokens_for_p.clamp(min=1)
+    return tokens_per_expert_E / (num_tokens.double() * (topk / (num_experts * coeff)))

@@ -114,6 +114,28 @@ def step_metrics(routers: Sequence) -> Optional[StepMetrics]:
     )
 
 
+def log_lbl(routers: Sequence) -> None:
+    """Add this step's LBL of every router to Megatron's aux-loss tracker, once per step.
+
+    Upstream adds loss / coeff per call; the plugin adds Σ_k w_k · s_k / coeff over the step's
+    micro-batches k (= Σ_k L_k / coeff, the same sum), from the weights and probability sums
+    its backward kept: no logging kernels per call. Megatron's tracker reduction sums it over
+    TP x CP (as upstream's aux_loss) and averages it over data parallel on every version
+    (0.12-0.13 trackers log one rank's value for upstream's own losses).
+    """
+    for router in routers:
+        state = router._megatron_gbl
+        if not state.lbl_terms:
+            continue
+        weights_MX = torch.stack([weights for weights, _ in state.lbl_terms])
+        probs_sums_MX = torch.stack([probs_sum for _, probs_sum in state.lbl_terms])
+        # float64 weights times the probability sums' dtype: the product is float64.
+        value = (weights_MX * probs_sums_MX).sum() / state.balancing.coeff
+        compat.log_to_tracker(router, compat.tracker_name(state.balancing.lbl_type), value,
+                              reduce_group=compat.tp_cp_group(router),
+                              avg_group=compat.tp_dp_cp_group(router))
+
+
 def _microbatch_stats(state, has_lbl: bool, has_bias: bool) -> torch.Tensor:
     """[M, X] float64: the LBL stats [c, s, T] and/or the dispatched load [c, T] per micro-batch."""
     parts = []

@@ -44,8 +44,9 @@ _SYNC_BLOCK_GROUPS: dict[int, object] = {}  # sync_group_size -> this rank's blo
 Model = Union[torch.nn.Module, Iterable[torch.nn.Module]]
 
 _NO_STEP_BOUNDARY = (
-    "megatron_gbl: scope={scope!r}{why} needs the optimizer-step boundary: train through "
-    "megatron.core.pipeline_parallel.get_forward_backward_func() (steps are marked "
+    "megatron_gbl: a training forward of MoE layer {layer} ran outside an optimizer step: the "
+    "plugin buffers counts, checks logits, logs and updates the expert bias per step. Train "
+    "through megatron.core.pipeline_parallel.get_forward_backward_func() (steps are marked "
     "automatically), or wrap each step of a custom loop in `with megatron_gbl.step(model):` "
     "(or call megatron_gbl.start_step(model) before and megatron_gbl.finish_step(model) after it)"
 )
@@ -149,7 +150,7 @@ def start_step(model: Model, num_microbatches: Optional[int] = None,
     if _SETTINGS.sync_group_size is not None:
         _sync_block_group(_SETTINGS.sync_group_size, build=True)
     routers = _routers_of(model)
-    if any(router._megatron_gbl.bias is not None and router._megatron_gbl.bias.open
+    if any(router._megatron_gbl.in_step and router._megatron_gbl.bias is not None
            and router._megatron_gbl.bias.recorded for router in routers):
         raise RuntimeError(
             "megatron_gbl: the previous step counted expert load for the expert-bias update but "
@@ -163,36 +164,35 @@ def start_step(model: Model, num_microbatches: Optional[int] = None,
 
 
 def finish_step(model: Model) -> None:
-    """End an optimizer step after its last backward: apply the expert-bias updates.
+    """End an optimizer step after its last backward: log the LBL, apply the expert-bias updates.
 
     Megatron-Core's schedules call this themselves; custom loops call it on every rank (a
     collective with expert bias at global scope), before the optimizer step, or use `step`.
     """
     _require_enabled("finish_step")
-    every_router = _routers_of(model)
+    in_step = [router for router in _routers_of(model) if router._megatron_gbl.in_step]
     try:
-        _check_logits_finite(every_router)
+        _check_logits_finite(in_step)
     except FloatingPointError:
         discard_step(model)
         raise
-    routers = [router for router in every_router
-               if router._megatron_gbl.bias is not None and router._megatron_gbl.bias.open]
+    metrics.log_lbl(in_step)
+    routers = [router for router in in_step if router._megatron_gbl.bias is not None]
     for router in routers:
         router._megatron_gbl.bias.apply_pending(router.expert_bias)
     if routers and _PHASE.scope == "global":
         bias.step_update([router.expert_bias for router in routers],
                          [router._megatron_gbl.bias for router in routers],
                          *bias_groups(routers[0], _PHASE, _sync_group(routers[0], _PHASE)))
-    for router in routers:
-        router._megatron_gbl.bias.close_step()
+    for router in in_step:
+        router._megatron_gbl.close_step()
 
 
 def discard_step(model: Model) -> None:
     """End a step that failed: nothing it counted reaches the next step or the expert bias."""
     _require_enabled("discard_step")
     for router in _routers_of(model):
-        if router._megatron_gbl.bias is not None:
-            router._megatron_gbl.bias.close_step()
+        router._megatron_gbl.close_step()
 
 
 @contextlib.contextmanager
@@ -236,13 +236,14 @@ def balance_bsz(model: Model) -> dict[int, BalanceBSZ]:
 
 
 def _check_logits_finite(routers: list[TopKRouter]) -> None:
-    checked = [(router.layer_number, router._megatron_gbl.logits_finite()) for router in routers]
-    checked = [(layer, finite) for layer, finite in checked if finite is not None]
-    if not checked:
+    logit_sums = [total for router in routers for total in router._megatron_gbl.logit_sums]
+    # One sum of every layer's logit sums: NaN or inf if any is (the step's one host sync).
+    if not logit_sums or bool(torch.isfinite(torch.stack(logit_sums).sum())):
         return
-    finite = torch.stack([flag for _, flag in checked])
-    if not bool(finite.all()):  # the step's one host sync
-        layers = [layer for (layer, _), ok in zip(checked, finite.tolist()) if not ok]
+    # Only after a failure: which layers (none if finite sums merely overflowed the total).
+    layers = [router.layer_number for router in routers
+              if not router._megatron_gbl.logits_finite()]
+    if layers:
         raise FloatingPointError(
             f"megatron_gbl: router logits with NaN or inf in MoE layer(s) {layers} at training "
             f"iteration {_ITERATION} (0-based; Megatron-LM logs it as iteration "
@@ -314,9 +315,8 @@ def _routing(original, self, logits, *args, **kwargs):
     state = _state(self)
     counting = torch.is_grad_enabled()
     if counting:
-        if not state.started and (_SETTINGS.needs_step_boundary or state.bias is not None):
-            why = "" if _SETTINGS.needs_step_boundary else " with expert bias"
-            raise RuntimeError(_NO_STEP_BOUNDARY.format(scope=phase.scope, why=why))
+        if not state.in_step:
+            raise RuntimeError(_NO_STEP_BOUNDARY.format(layer=self.layer_number))
         state.count_call()
         state.note_logits(logits)
     if state.bias is not None:

@@ -64,19 +64,21 @@ def test_dp_and_global_match_single_process_reference(world_size):
 
 
 def test_micro_and_seq_equal_upstream_aux_and_seq_aux_loss():
-    pairs = [("micro", "aux_loss", False), ("seq", "seq_aux_loss", False)]
+    pairs = [("micro", "aux_loss", False, False), ("seq", "seq_aux_loss", False, False)]
     if padding_supported:
-        pairs += [("micro", "aux_loss", True), ("seq", "seq_aux_loss", True)]
+        pairs += [("micro", "aux_loss", True, False), ("seq", "seq_aux_loss", True, False)]
+    pairs.append(("micro", "aux_loss", False, True))  # calculate_per_token_loss's scaling
     specs = []
-    for scope, lbl_type, padded in pairs:
-        specs += [spec(None, 2, padded, lbl_type=lbl_type, seed=3),
-                  spec(scope, 2, padded, lbl_type=lbl_type, seed=3)]
+    for scope, lbl_type, padded, per_token in pairs:
+        specs += [spec(s, 2, padded, lbl_type=lbl_type, seed=3, per_token_loss=per_token)
+                  for s in (None, scope)]
     results = run_gloo(workers.router_runs, 2, specs)[0]
-    for i, (scope, lbl_type, padded) in enumerate(pairs):
+    for i, (scope, lbl_type, padded, per_token) in enumerate(pairs):
         upstream, ours = results[2 * i], results[2 * i + 1]
         assert upstream["grad"].abs().sum() > 0
         torch.testing.assert_close(ours["grad"], upstream["grad"], rtol=1e-5, atol=1e-9,
-                                   msg=f"scope={scope} padded={padded} differs from upstream {lbl_type}")
+                                   msg=f"scope={scope} padded={padded} per-token={per_token} "
+                                       f"differs from upstream {lbl_type}")
         # The value Megatron's aux-loss tracker logs, under upstream's own name.
         assert ours["logged"].keys() == upstream["logged"].keys() == {compat.tracker_name(lbl_type)}
         for name, values in upstream["logged"].items():

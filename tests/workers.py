@@ -58,8 +58,9 @@ def router_steps(rank: int, world_size: int, spec: dict) -> dict:
     """Train-mode router calls through one real TopKRouter, Megatron-style loss scaling.
 
     spec: scope (None = plugin off), lbl_type, coeff, microbatches, steps, padded, seed,
-    sync_group_size. Returns the data-parallel-averaged router gradient of the last step
-    (what DDP applies) plus what the plugin recorded.
+    sync_group_size, per_token_loss (Megatron's calculate_per_token_loss). Returns the
+    data-parallel-averaged router gradient of the last step (what DDP applies) plus what the
+    plugin recorded.
     """
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
@@ -74,7 +75,8 @@ def router_steps(rank: int, world_size: int, spec: dict) -> dict:
     if spec["scope"] is not None and enable_first:
         megatron_gbl.enable(spec["scope"], **settings)
     config = harness.moe_config(moe_router_load_balancing_type=spec["lbl_type"],
-                                moe_aux_loss_coeff=spec["coeff"])
+                                moe_aux_loss_coeff=spec["coeff"],
+                                calculate_per_token_loss=spec.get("per_token_loss", False))
     model = harness.build_gpt_moe(config)
     router = harness.routers_of(model)[0]
     if spec.get("dead_expert"):
@@ -89,20 +91,20 @@ def router_steps(rank: int, world_size: int, spec: dict) -> dict:
     seen = []
     for step in range(spec["steps"]):
         hidden, padding = step_data(spec, step, world_size, config.hidden_size)
-        if spec["scope"] is not None:
-            megatron_gbl.start_step(model, microbatches)
-        elif spec["lbl_type"] == "global_aux_loss":
+        if spec["scope"] is None and spec["lbl_type"] == "global_aux_loss":
             router.reset_global_aux_loss_tracker()
         router.weight.grad = None
-        for k in range(microbatches):
-            kwargs = {} if padding is None else {"padding_mask": padding[k][rank]}
-            probs, _ = router(hidden[k][rank], **kwargs)
-            # Megatron's trick: a zero main loss keeps only the aux-loss gradient.
-            (probs * 0).sum().backward()
-            if spec["scope"] is not None:
-                state = router._megatron_gbl
-                seen.append({"microbatches": state.buffer.num_microbatches,
-                             "balance": megatron_gbl.balance_bsz(model).get(router.layer_number)})
+        with (megatron_gbl.step(model, microbatches) if spec["scope"] is not None
+              else contextlib.nullcontext()):
+            for k in range(microbatches):
+                kwargs = {} if padding is None else {"padding_mask": padding[k][rank]}
+                probs, _ = router(hidden[k][rank], **kwargs)
+                # Megatron's trick: a zero main loss keeps only the aux-loss gradient.
+                (probs * 0).sum().backward()
+                if spec["scope"] is not None:
+                    seen.append({
+                        "microbatches": router._megatron_gbl.buffer.num_microbatches,
+                        "balance": megatron_gbl.balance_bsz(model).get(router.layer_number)})
     grad = router.weight.grad.detach().clone()
     dist.all_reduce(grad, op=dist.ReduceOp.AVG)  # DDP's data-parallel gradient averaging
     step = megatron_gbl.step_metrics(model) if spec["scope"] is not None else None
@@ -254,10 +256,11 @@ def bad_input_messages(rank: int, world_size: int) -> dict:
     }.items():
         model = harness.build_gpt_moe(harness.moe_config(**overrides))
         capture(case, lambda: megatron_gbl.enable("global", model=model))
-    # Without a step boundary, "global" refuses to run rather than accumulate forever.
+    # Without a step boundary, even "micro" (no buffer) refuses to run rather than keep its
+    # per-step statistics forever and never check or log them.
     model = harness.build_gpt_moe(harness.moe_config())
     router = harness.routers_of(model)[0]
-    megatron_gbl.enable("global")
+    megatron_gbl.enable("micro")
     capture("no step boundary",
             lambda: router(torch.randn(4, 2, model.config.hidden_size))[0].sum().backward())
     megatron_gbl.enable("global")
