@@ -21,6 +21,7 @@ upstream aux_loss. Needs megatron-core >= 0.15 (global_aux_loss).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 
@@ -77,11 +78,11 @@ def configure(variant: str, routers: dict) -> torch.nn.Module:
 def train_step(variant: str, router, part: str, inputs: list) -> None:
     """One optimizer step of `router`: a call per micro-batch, and the step boundary's work."""
     if variant.startswith("plugin"):
-        with megatron_gbl.step(router, len(inputs)):
-            for microbatch in inputs:
-                call(router, part, microbatch)
+        boundary = megatron_gbl.step(router, len(inputs))
     else:
         router.reset_global_aux_loss_tracker()  # what Megatron-LM does once per step
+        boundary = contextlib.nullcontext()
+    with boundary:
         for microbatch in inputs:
             call(router, part, microbatch)
 
