@@ -126,21 +126,23 @@ def apply_scoped_lbl(
     state: RouterState,
     settings: Settings,
     sync_group,
-    logits_SBE: torch.Tensor,
+    logits_TE: torch.Tensor,
+    bsz: int,
     probs: torch.Tensor,
     padding_mask_SB: Optional[torch.Tensor],
 ) -> torch.Tensor:
     """Attach this router call's LBL at `settings.scope` to `probs`; return the new `probs`.
 
     Args:
-        logits_SBE: router logits [S, B, E] as `TopKRouter.routing` receives them.
+        logits_TE: router logits [S*B, E], tokens ordered [S, B] as `TopKRouter.routing`
+            receives them; B = `bsz` sequences.
         probs: routing probabilities [S*B, E] that upstream routing returned.
         padding_mask_SB: bool [S, B], True = padding (Megatron's convention), or None.
         sync_group: the balance group for scopes dp/global.
     """
-    seq_length, bsz, num_experts = logits_SBE.shape
-    scores_TE, routing_map_TE = compat.aux_scores_and_map(router,
-                                                          logits_SBE.reshape(-1, num_experts))
+    num_experts = logits_TE.shape[-1]
+    seq_length = logits_TE.shape[0] // bsz
+    scores_TE, routing_map_TE = compat.aux_scores_and_map(router, logits_TE)
     valid_T1, num_local_tokens = _valid_tokens(padding_mask_SB, scores_TE)
     if valid_T1 is not None:
         scores_TE = scores_TE * valid_T1

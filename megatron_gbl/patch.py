@@ -321,16 +321,21 @@ def _routing(original, self, logits, *args, **kwargs):
         state.note_logits(logits)
     if state.bias is not None:
         state.bias.apply_pending(self.expert_bias)
-    probs, routing_map = original(self, logits, *args, **kwargs)
     if not counting:
-        return probs, routing_map
+        return original(self, logits, *args, **kwargs)
+    # Upstream views the logits as [T, E] itself. Handing it a view of the LBL's own [T, E]
+    # view makes both gradients meet on one tensor, where autograd adds them in place; two
+    # sibling views of the logits would cost an out-of-place [T, E] add per call.
+    logits_TE = logits.view(-1, logits.shape[-1])
+    probs, routing_map = original(self, logits_TE.view(logits.shape), *args, **kwargs)
     padding_mask = compat.padding_mask_from_call(args, kwargs)
     sync_group = _sync_group(self, phase)
+    bsz = logits.shape[1]
     if state.balancing.lbl_type is not None:
-        probs = apply_scoped_lbl(self, state, phase, sync_group, logits, probs, padding_mask)
+        probs = apply_scoped_lbl(self, state, phase, sync_group, logits_TE, bsz, probs,
+                                 padding_mask)
     if state.bias is not None and not compat.expert_bias_frozen(self):
-        record_expert_load(self, state, phase, sync_group, routing_map, padding_mask,
-                           bsz=logits.shape[1])
+        record_expert_load(self, state, phase, sync_group, routing_map, padding_mask, bsz)
     return probs, routing_map
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import math
 
 import torch
 import torch.distributed as dist
@@ -546,3 +547,35 @@ def die_mid_step(rank: int, world_size: int, init_file: str, result_file: str,
     with open(result_file, "w") as f:
         json.dump(outcome, f)
     os._exit(0)  # the peer is gone: skip the process group's shutdown
+
+
+def out_of_place_score_adds(rank: int, world_size: int, spec: dict) -> dict:
+    """Per variant of benchmarks.router_bench: the out-of-place adds of [T, E] tensors (a new
+    [T, E] buffer each) in one step of `routing` calls, seen by torch.profiler.
+
+    spec: experts, seq, bsz, microbatches.
+    """
+    from types import SimpleNamespace
+
+    from benchmarks import router_bench
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+    from torch.profiler import ProfilerActivity, profile
+
+    harness.init_model_parallel()
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / spec["microbatches"]))
+    args = SimpleNamespace(hidden=16, topk=4, device="cpu")
+    routers = {lbl_type: router_bench.make_router(args, spec["experts"], lbl_type)
+               for lbl_type in ("aux_loss", "global_aux_loss")}
+    inputs = [torch.randn(spec["seq"], spec["bsz"], spec["experts"]).requires_grad_()
+              for _ in range(spec["microbatches"])]
+    score_numel = spec["seq"] * spec["bsz"] * spec["experts"]
+    adds = {}
+    for variant in router_bench.VARIANTS:
+        router = router_bench.configure(variant, routers)
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            router_bench.train_step(variant, router, "routing", inputs)
+        adds[variant] = sum(event.name == "aten::add"
+                            and math.prod(event.input_shapes[0]) == score_numel
+                            for event in prof.events())
+    megatron_gbl.disable()
+    return adds
