@@ -56,6 +56,12 @@ def make_router(args, num_experts: int, lbl_type: str):
     return router.to(args.device)
 
 
+def make_routers(args, num_experts: int) -> dict:
+    """The two routers `configure` picks from, by load-balancing type, with the same weights."""
+    return {lbl_type: make_router(args, num_experts, lbl_type)
+            for lbl_type in ("aux_loss", "global_aux_loss")}
+
+
 def call(router, part: str, inputs: torch.Tensor):
     """One training call: forward, then Megatron's zero main loss so only the LBL flows back."""
     inputs.grad = None
@@ -95,7 +101,7 @@ def worker(rank: int, world_size: int, args) -> dict:
     gen = torch.Generator().manual_seed(rank)
     samples, syncs, ops, machine = {}, {}, {}, common.machine(args.device)
     for num_experts in args.experts:
-        routers = {t: make_router(args, num_experts, t) for t in ("aux_loss", "global_aux_loss")}
+        routers = make_routers(args, num_experts)
         for mbs in args.mbs:
             for part in args.parts:
                 width = args.hidden if part == "router" else num_experts

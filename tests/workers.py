@@ -564,8 +564,7 @@ def out_of_place_score_adds(rank: int, world_size: int, spec: dict) -> dict:
     harness.init_model_parallel()
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / spec["microbatches"]))
     args = SimpleNamespace(hidden=16, topk=4, device="cpu")
-    routers = {lbl_type: router_bench.make_router(args, spec["experts"], lbl_type)
-               for lbl_type in ("aux_loss", "global_aux_loss")}
+    routers = router_bench.make_routers(args, spec["experts"])
     inputs = [torch.randn(spec["seq"], spec["bsz"], spec["experts"]).requires_grad_()
               for _ in range(spec["microbatches"])]
     score_numel = spec["seq"] * spec["bsz"] * spec["experts"]
