@@ -148,9 +148,13 @@ def apply_scoped_lbl(
         scores_TE = scores_TE * valid_T1
         routing_map_TE = routing_map_TE & valid_T1
 
+    # Without padding this rank's own tokens are among every token count it takes part in.
+    tokens_nonzero = valid_T1 is None and num_local_tokens > 0
+
     probs_sum_E = scores_TE.sum(dim=0)
     local_counts = count_choices(routing_map_TE, num_local_tokens)  # one pass over the [T, E] map
-    state.microbatch_stats.append((local_counts, probs_sum_E.detach()))
+    kept_probs_sum = probs_sum_E.detach()  # for the step's statistics and its logged LBL
+    state.microbatch_stats.append((local_counts, kept_probs_sum))
     local_group = compat.tp_cp_group(router)
 
     micro_weights = None
@@ -161,12 +165,16 @@ def apply_scoped_lbl(
 
         def micro_weights():
             counts = micro_counts.wait()
-            return load_balancing_weights(counts[:-1], counts[-1], counts[-1], router.topk,
-                                          num_experts, settings.micro_coeff)
+            num_tokens = counts[-1]
+            return load_balancing_weights(counts[:-1], num_tokens, num_tokens, router.topk,
+                                          num_experts, settings.micro_coeff,
+                                          tokens_nonzero=tokens_nonzero)
 
     if settings.scope == "seq":
         probs_sum, weights = _sequence_weights(router, state, settings, scores_TE, routing_map_TE,
-                                               num_local_tokens, seq_length, bsz, local_group)
+                                               num_local_tokens, seq_length, bsz, local_group,
+                                               tokens_nonzero)
+        kept_probs_sum = probs_sum.detach()
     else:
         probs_sum = probs_sum_E
         group = sync_group if settings.uses_dp_sync else local_group
@@ -175,12 +183,12 @@ def apply_scoped_lbl(
             shuffled = _shuffled_counts(router, state, settings, routing_map_TE, valid_T1)
         weights = _batch_weights(router, state, settings, _to_sum(local_counts, group), group,
                                  replicas=_size(group) // _size(local_group), bsz=bsz,
-                                 shuffled=shuffled)
+                                 tokens_nonzero=tokens_nonzero, shuffled=shuffled)
 
     def backward_weights() -> torch.Tensor:
         weights_X = weights()
         # Kept for the logged LBL; micro_coeff's term is logged as micro_batch_lbl instead.
-        state.lbl_terms.append((weights_X, probs_sum.detach()))
+        state.lbl_terms.append((weights_X, kept_probs_sum))
         if micro_weights is not None:
             weights_X = weights_X + micro_weights()
         scale = compat.aux_loss_backward_scale(router, num_local_tokens)
@@ -210,7 +218,7 @@ class _DeferredLBL(torch.autograd.Function):
 
 
 def _batch_weights(router, state, settings, counts, group, replicas: int, bsz: int,
-                   shuffled: Optional[Callable] = None):
+                   tokens_nonzero: bool, shuffled: Optional[Callable] = None):
     """w for scopes micro/dp/global/shuffle: issue the count sum over `group`, return w's thunk.
 
     `shuffled(num_tokens)`, for "shuffle", gives the counts of that many drawn tokens.
@@ -236,15 +244,18 @@ def _batch_weights(router, state, settings, counts, group, replicas: int, bsz: i
 
     def weights():
         tokens_per_expert_E, num_tokens_for_f = counts_for_f()
+        # Only the buffer's f spans more tokens than this micro-batch's T_k.
+        num_tokens_for_p = synced.wait()[-1] if settings.scope == "global" else num_tokens_for_f
         # P is a mean over T_k / R tokens per replica: T_k tokens and R x the coefficient.
-        return load_balancing_weights(tokens_per_expert_E, num_tokens_for_f, synced.wait()[-1],
-                                      router.topk, num_experts, state.balancing.coeff * replicas)
+        return load_balancing_weights(tokens_per_expert_E, num_tokens_for_f, num_tokens_for_p,
+                                      router.topk, num_experts, state.balancing.coeff * replicas,
+                                      tokens_nonzero=tokens_nonzero)
 
     return weights
 
 
 def _sequence_weights(router, state, settings, scores_TE, routing_map_TE, num_local_tokens,
-                      seq_length, bsz, local_group):
+                      seq_length, bsz, local_group, tokens_nonzero: bool):
     """(s, w thunk) for the mean over the B sequences of each sequence's LBL (seq_aux_loss).
 
     Tokens are ordered [S, B], so viewing [S, B*E] puts sequence b's experts at b*E..b*E+E-1
@@ -262,8 +273,10 @@ def _sequence_weights(router, state, settings, scores_TE, routing_map_TE, num_lo
         # Each sequence's f and P over T / B tokens, and the mean over the B sequences:
         # coeff / B / (T / B)^2 = coeff * B / T^2, so T tokens and B x the coefficient.
         counts = synced.wait()
-        return load_balancing_weights(counts[:-1], counts[-1], counts[-1], router.topk,
-                                      num_experts, state.balancing.coeff * bsz)
+        num_tokens = counts[-1]
+        return load_balancing_weights(counts[:-1], num_tokens, num_tokens, router.topk,
+                                      num_experts, state.balancing.coeff * bsz,
+                                      tokens_nonzero=tokens_nonzero)
 
     return scores_TE.reshape(seq_length, bsz * num_experts).sum(dim=0), weights
 
@@ -351,7 +364,7 @@ def count_choices(routing_map_TX, num_local_tokens) -> torch.Tensor:
     counts = routing_map_TX.new_empty(routing_map_TX.shape[1] + 1, dtype=torch.int64)
     # Summed into place, not concatenated: a kernel fewer per router call.
     torch.sum(routing_map_TX, dim=0, dtype=torch.int64, out=counts[:-1])
-    counts[-1:].fill_(num_local_tokens)
+    counts[-1] = num_local_tokens
     return counts
 
 

@@ -48,6 +48,8 @@ def load_balancing_weights(
     topk: int,
     num_experts: int,
     coeff: float,
+    *,
+    tokens_nonzero: bool = False,
 ) -> torch.Tensor:
     """w_i = coeff * N_E * f_i / T_p, so that coeff * LBL = Σ_i w_i * s_i (eq. 2).
 
@@ -65,6 +67,8 @@ def load_balancing_weights(
         topk: K, expert choices per token.
         num_experts: N_E (the trailing axis may be longer, e.g. B*E for the per-sequence loss).
         coeff: the loss weight (Megatron's moe_aux_loss_coeff).
+        tokens_nonzero: the caller knows T_f >= 1 and T_p >= 1 (a rank without padding counts
+            its own tokens into both), so the guard for empty token sets below is not needed.
     Returns:
         float64 [..., E]; 0 where T_f is 0, and at most coeff * N_E / K where T_p is 0 (there s
         is 0 too: the loss is 0, and the gradient stays finite in fp16).
@@ -73,5 +77,8 @@ def load_balancing_weights(
     # One [] (or [..., 1]) denominator, then one division of the counts: this runs once per
     # router call, where every kernel launch counts on a GPU. No tokens means no choices either:
     # dividing by 1 instead of 0 gives 0, not NaN.
-    num_tokens = num_tokens_for_f.clamp(min=1) * num_tokens_for_p.clamp(min=1)
+    if tokens_nonzero:
+        num_tokens = num_tokens_for_f * num_tokens_for_p
+    else:
+        num_tokens = num_tokens_for_f.clamp(min=1) * num_tokens_for_p.clamp(min=1)
     return tokens_per_expert_E / (num_tokens.double() * (topk / (num_experts * coeff)))

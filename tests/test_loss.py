@@ -2,7 +2,7 @@
 
 import torch
 
-from megatron_gbl.loss import load_balancing_loss
+from megatron_gbl.loss import load_balancing_loss, load_balancing_weights
 
 
 def test_hand_computed_value():
@@ -46,3 +46,17 @@ def test_empty_token_set_gives_zero_not_nan():
     loss = load_balancing_loss(zeros, torch.zeros(4, dtype=torch.int64), torch.tensor(0),
                                torch.tensor(0.0), 2, 4, 1.0)
     assert loss.item() == 0.0
+
+
+def test_nonzero_token_counts_skip_only_the_empty_set_guard():
+    # The shortcut for T_f, T_p >= 1 (no padding) gives the guarded weights bit for bit.
+    counts = torch.tensor([[7, 0, 5], [3, 3, 6]])
+    num_tokens_for_f, num_tokens_for_p = torch.tensor([[6], [4]]), torch.tensor([[1], [4]])
+    guarded = load_balancing_weights(counts, num_tokens_for_f, num_tokens_for_p, 2, 3, 1e-2)
+    shortcut = load_balancing_weights(counts, num_tokens_for_f, num_tokens_for_p, 2, 3, 1e-2,
+                                      tokens_nonzero=True)
+    assert guarded.dtype == shortcut.dtype == torch.float64
+    assert torch.equal(guarded, shortcut)
+    # 1e-2 * 3 experts / (2 choices * T_f * T_p): row 0 divides by 12, row 1 by 32.
+    expected = counts.double() * 1e-2 * 3 / (2 * torch.tensor([[6.0], [16.0]], dtype=torch.float64))
+    torch.testing.assert_close(shortcut, expected, rtol=1e-15, atol=0)
