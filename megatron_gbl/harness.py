@@ -157,15 +157,22 @@ def run_gloo(fn: Callable, world_size: int, *args, timeout_s: float = 600.0) -> 
             for rank in range(world_size)]
 
 
-def _worker(fn, rank, world_size, init_file, results, args):
+def join_gloo(init_file: str, rank: int, world_size: int) -> None:
+    """Make this process rank `rank` of a gloo group that meets at `init_file`, one thread,
+    with the CPU shims. `run_gloo`'s ranks call it; so does a tool that must run in this very
+    process (callgrind counts the process it started)."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+        timeout=datetime.timedelta(seconds=300),
+    )
+    install_cpu_shims()
+
+
+def _worker(fn, rank, world_size, init_file, results, args):
     try:
-        dist.init_process_group(
-            "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
-            timeout=datetime.timedelta(seconds=300),
-        )
-        install_cpu_shims()
+        join_gloo(init_file, rank, world_size)
         # Bytes, not tensors: shared-memory tensors die with the process that made them.
         payload = io.BytesIO()
         torch.save(fn(rank, world_size, *args), payload)
