@@ -122,7 +122,7 @@ def worker(rank: int, world_size: int, args) -> dict:
     spec = {name: (lbl_type, scope, options) for name, lbl_type, scope, options in VARIANTS}
     times = {f"{name} | jitter {'on' if on else 'off'}": [] for name, on in RUNS}
     for s in range(total_steps):
-        for name, on in common.rotate(RUNS, s):
+        for name, on in common.running_order(RUNS, s):
             lbl_type, scope, options = spec[name]
             model = models[lbl_type]
             if scope is None:

@@ -8,11 +8,10 @@ Variants, interleaved step by step on the same weights and inputs:
 Two parts are timed: `router` (gating GEMM + routing + LBL, what a layer pays) and `routing`
 (from the logits on, where the variants differ). A sample is one optimizer step: its
 `--microbatches` calls with the gradient-accumulation loss scale, and the work at its boundary
-(the plugin's start_step/finish_step, where it logs; upstream global_aux_loss's tracker reset),
-after an untimed one-micro-batch step of the same variant. It is the slowest rank's time, with
-a barrier before it, by the wall clock and by the process's CPU time, reported per call (step /
-micro-batches). Ratios are per-sample paired against upstream aux_loss. Needs megatron-core >=
-0.15 (global_aux_loss).
+(the plugin's start_step/finish_step, where it logs; upstream global_aux_loss's tracker reset).
+It is the slowest rank's time, with a barrier before it, by the wall clock and by the process's
+CPU time, reported per call (step / micro-batches). Ratios are per-sample paired against
+upstream aux_loss. Needs megatron-core >= 0.15 (global_aux_loss).
 
     python -m benchmarks.router_bench                        # paper shapes, 2 gloo ranks on CPU
     python -m benchmarks.router_bench --mbs 1 --steps 2      # shorter
@@ -112,13 +111,9 @@ def worker(rank: int, world_size: int, args) -> dict:
                 shape = f"E{num_experts} top{args.topk} mbs{mbs} {part}"
                 times = {f"{shape} | {v} | {clock}": [] for v in VARIANTS for clock in CLOCKS}
                 for step in range(args.warmup + args.steps):
-                    for variant in common.rotate(list(VARIANTS), step):
-                        router = configure(variant, routers)
-                        # The first step after switching the plugin on or off runs slower (by
-                        # 3-5% at 16 tokens, for whichever variant comes next): an untimed
-                        # one-micro-batch step takes that, for every variant alike.
-                        train_step(variant, router, part, inputs[:1])
-                        run = functools.partial(train_step, variant, router, part, inputs)
+                    for variant in common.running_order(list(VARIANTS), step):
+                        run = functools.partial(train_step, variant, configure(variant, routers),
+                                                part, inputs)
                         dist.barrier()
                         t = common.timed(run, args.device)
                         for clock, seconds in zip(CLOCKS, t):
