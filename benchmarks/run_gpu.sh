@@ -34,9 +34,8 @@ part memory 10 python -m benchmarks.memory
 part "router benchmark" 30 torchrun --standalone --nproc-per-node "$gpus" -m benchmarks.router_bench \
     --device cuda --steps 10 --warmup 2 --out "$out" ${ROUTER_ARGS:-}
 # About 46M parameters (4 MoE layers, hidden 512, 32 experts top-4), 2 x 1024 tokens per
-# micro-batch. The model of the earlier GPU run (8 layers, hidden 1024, 64 experts: about 640M
-# parameters, 2.5 GB of fp32 gradients all-reduced per rank and step, through host memory with
-# gloo on one GPU) did not finish in 300 s; why was not measured.
+# micro-batch. The earlier GPU run's model (8 layers, hidden 1024, 64 experts: about 640M
+# parameters, 2 x 2048 tokens) did not finish in 300 s; why was not measured.
 # shellcheck disable=SC2086
 part "end-to-end benchmark" 60 torchrun --standalone --nproc-per-node "$e2e_ranks" \
     -m benchmarks.e2e_bench --device cuda --backend "$backend" --layers 4 --hidden 512 \
