@@ -2,8 +2,8 @@
 
 A GPU router at the paper's shapes is bound by its host work (Python, operator dispatch,
 kernel launches): the H100 run of RESULTS.md found its time flat from 4096 to 16384 tokens.
-That work can be counted exactly on any CPU. On the shared CPU box of RESULTS.md wall and CPU
-times move by 5% or more between runs; instruction counts repeat to about 0.3%.
+That work can be counted on any CPU: on the shared CPU box of RESULTS.md wall and CPU times
+move by 5% or more between runs, while three repeated counts agreed to 0.005%.
 
 Each variant of `router_bench` runs in a process of its own under `valgrind --tool=callgrind`,
 which counts only its timed steps (`callgrind_control` switches counting on and off around
@@ -11,7 +11,7 @@ them), on the same weights and inputs: one rank, gloo, one thread, so no collect
 what is counted is the host work per call, not communication. A step is `--microbatches`
 calls and its boundary work, as in `router_bench`; the count is per call.
 
-    python -m benchmarks.router_instructions                     # 16 tokens, E64 top-4, ~4 min
+    python -m benchmarks.router_instructions                     # 16 tokens, E64 top-4, ~5 min
     python -m benchmarks.router_instructions --seq 4096 --parts routing --steps 2
 """
 
@@ -46,8 +46,10 @@ def count(variant: str, part: str, args) -> int:
                              env={**os.environ, "PYTHONHASHSEED": "0"})
         if run.returncode:
             raise RuntimeError(f"{variant} {part} under callgrind failed:\n{run.stderr[-3000:]}")
-        totals = [int(line.split()[1]) for path in glob.glob(f"{tmp}/callgrind.out*")
-                  for line in open(path) if line.startswith("totals:")]
+        totals = []
+        for path in glob.glob(f"{tmp}/callgrind.out*"):
+            with open(path) as profile:
+                totals += [int(line.split()[1]) for line in profile if line.startswith("totals:")]
         if not totals:
             raise RuntimeError(f"{variant} {part}: callgrind wrote no totals")
         return sum(totals)
