@@ -9,7 +9,8 @@ Each variant of `router_bench` runs in a process of its own under `valgrind --to
 which counts only its timed steps (`callgrind_control` switches counting on and off around
 them), on the same weights and inputs: one rank, gloo, one thread, so no collective runs and
 what is counted is the host work per call, not communication. A step is `--microbatches`
-calls and its boundary work, as in `router_bench`; the count is per call.
+calls and its boundary work, as in `router_bench`; the count is per call. Needs valgrind
+(Debian: `apt-get install valgrind`).
 
     python -m benchmarks.router_instructions                     # 16 tokens, E64 top-4, ~5 min
     python -m benchmarks.router_instructions --seq 4096 --parts routing --steps 2
