@@ -3,7 +3,8 @@
 A GPU router at the paper's shapes is bound by its host work (Python, operator dispatch,
 kernel launches): the H100 run of RESULTS.md found its time flat from 4096 to 16384 tokens.
 That work can be counted on any CPU: on the shared CPU box of RESULTS.md wall and CPU times
-move by 5% or more between runs, while three repeated counts agreed to 0.005%.
+move by 5% or more between runs, while three repeated counts agreed to 0.005% (separate runs
+with other arguments differ by up to 0.4%, so compare variants within one run).
 
 Each variant of `router_bench` runs in a process of its own under `valgrind --tool=callgrind`,
 which counts only its timed steps (`callgrind_control` switches counting on and off around
@@ -34,14 +35,15 @@ from megatron_gbl import harness
 BASELINE = router_bench.BASELINE
 
 
-def count(variant: str, part: str, args) -> int:
-    """Instructions of `args.steps` timed steps of `variant` (callgrind, in a fresh process)."""
+def count(variant: str, part: str, argv: list) -> int:
+    """Instructions of the timed steps of `variant` (callgrind, in a fresh process that parses
+    this run's own arguments `argv`, so it sees the same shapes and step counts)."""
     with tempfile.TemporaryDirectory() as tmp:
         command = [
             "valgrind", "--tool=callgrind", "--instr-atstart=no",
             f"--callgrind-out-file={tmp}/callgrind.out",
-            sys.executable, "-m", "benchmarks.router_instructions", "--worker", variant,
-            "--parts", part, *_shape_args(args)]
+            sys.executable, "-m", "benchmarks.router_instructions", *argv, "--worker", variant,
+            "--parts", part]
         # A fixed hash seed: string hashing and set order otherwise vary the count between runs.
         run = subprocess.run(command, capture_output=True, text=True,
                              env={**os.environ, "PYTHONHASHSEED": "0"})
@@ -54,12 +56,6 @@ def count(variant: str, part: str, args) -> int:
         if not totals:
             raise RuntimeError(f"{variant} {part}: callgrind wrote no totals")
         return sum(totals)
-
-
-def _shape_args(args) -> list:
-    return ["--seq", str(args.seq), "--experts", str(args.experts), "--topk", str(args.topk),
-            "--hidden", str(args.hidden), "--mbs", str(args.mbs), "--microbatches",
-            str(args.microbatches), "--steps", str(args.steps), "--warmup", str(args.warmup)]
 
 
 def worker(args) -> None:
@@ -108,6 +104,7 @@ def main(argv=None) -> None:
                         help="variants counted at once (one core each)")
     parser.add_argument("--out", default=common.HERE, help="folder for the JSON and PNG")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     args.device = "cpu"  # router_bench.make_routers
     if args.worker:
@@ -117,7 +114,7 @@ def main(argv=None) -> None:
     print(f"router instructions: {vars(args)}", flush=True)
     jobs = [(part, variant) for part in args.parts for variant in variants]
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        futures = {job: pool.submit(count, job[1], job[0], args) for job in jobs}
+        futures = {job: pool.submit(count, job[1], job[0], argv) for job in jobs}
         per_call = {}
         for job in jobs:
             per_call[job] = futures[job].result() / (args.steps * args.microbatches)
