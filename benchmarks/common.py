@@ -16,7 +16,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from megatron_gbl import harness
+from megatron_gbl_lab import harness
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -32,7 +32,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 import megatron_gbl
 from benchmarks import common
-from megatron_gbl import harness
+from megatron_gbl_lab import harness
 
 # name, the model's moe_router_load_balancing_type, plugin scope (None = off), plugin options
 VARIANTS = (

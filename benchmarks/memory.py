@@ -30,7 +30,7 @@ import os
 import torch
 
 import megatron_gbl
-from megatron_gbl import harness
+from megatron_gbl_lab import harness
 
 INT64 = FLOAT64 = 8
 FLOAT32 = 4

@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 import megatron_gbl
 from benchmarks import common
-from megatron_gbl import harness
+from megatron_gbl_lab import harness
 
 VARIANTS = ("upstream aux_loss", "upstream global_aux_loss", "plugin micro", "plugin dp",
             "plugin global")

@@ -30,7 +30,7 @@ import tempfile
 import torch
 
 from benchmarks import common, router_bench
-from megatron_gbl import harness
+from megatron_gbl_lab import harness
 
 BASELINE = router_bench.BASELINE
 

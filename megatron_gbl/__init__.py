@@ -33,9 +33,9 @@ Megatron-LM: `python -m megatron_gbl.launch pretrain_gpt.py ... --moe-lbl-scope=
 from megatron_gbl.config import SCOPES, Settings
 from megatron_gbl.lbl import BalanceBSZ
 from megatron_gbl.metrics import StepMetrics
-from megatron_gbl.patch import (
-    balance_bsz, disable, discard_step, enable, enabled, finish_step, is_enabled, set_iteration,
-    start_step, step, step_metrics,
+from megatron_gbl.patch import disable, enable, enabled, is_enabled
+from megatron_gbl.steps import (
+    balance_bsz, discard_step, finish_step, set_iteration, start_step, step, step_metrics,
 )
 
 __all__ = [

@@ -24,7 +24,7 @@ import inspect
 
 import torch
 
-from megatron_gbl import compat, metrics, patch
+from megatron_gbl import compat, metrics, patch, steps
 from megatron_gbl.config import SCOPES, Settings, check_sync_group_size, router_balancing
 
 HISTOGRAM_TAG = "moe/tokens_per_expert_layer_{}"
@@ -113,7 +113,7 @@ def configure(args: argparse.Namespace) -> None:
     # Megatron-LM's train() sets args.curr_iteration (0-based, restored on resume) before each
     # step: the scope switch follows it.
     training = importlib.import_module("megatron.training")
-    patch.set_iteration(0, source=lambda: getattr(training.get_args(), "curr_iteration", None))
+    steps.set_iteration(0, source=lambda: getattr(training.get_args(), "curr_iteration", None))
     names = metrics.names(balancing.lbl_type is not None,
                           balancing.bias_update_rate is not None)
     owner, name = _logging_hook()
@@ -151,7 +151,7 @@ def _log_step(original, names: tuple, histogram_interval: int, *args, **kwargs):
     """Megatron-LM's per-iteration MoE logging, with this step's plugin metrics added first."""
     bound = inspect.signature(original).bind(*args, **kwargs)
     call = bound.arguments
-    routers = {router.layer_number: router for router in patch.routers()}
+    routers = {router.layer_number: router for router in steps.routers()}
     step = metrics.step_metrics(list(routers.values()))
     if step is not None:
         # The tracker multiplies everything by loss_scale (1 / micro-batches): undo it for

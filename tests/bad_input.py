@@ -159,7 +159,7 @@ def megatron_lm_message(case: str) -> str:
 def python_api_message(case: str) -> str:
     """The error of `enable(...)`, or of `enable(..., model=...)` for a model config."""
     from megatron_gbl.config import Settings, router_balancing
-    from megatron_gbl.harness import moe_config
+    from megatron_gbl_lab.harness import moe_config
 
     kwargs, overrides, _ = PYTHON_API[case]
     try:
@@ -245,7 +245,7 @@ def main() -> None:
 
     warnings.filterwarnings("ignore")
     import workers
-    from megatron_gbl.harness import run_gloo
+    from megatron_gbl_lab.harness import run_gloo
 
     runtime_messages = run_gloo(workers.bad_input_messages, 4)[0]
     sys.stdout.write(render(runtime_messages))

@@ -7,7 +7,7 @@ import torch
 
 import reference
 import workers
-from megatron_gbl.harness import run_gloo
+from megatron_gbl_lab.harness import run_gloo
 from megatron_gbl.lbl import draw_shuffled_counts
 
 TOPK, COEFF, HIDDEN = 2, 1e-2, 32

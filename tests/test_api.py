@@ -10,7 +10,7 @@ import workers
 from megatron.core.pipeline_parallel import schedules
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron_gbl import compat
-from megatron_gbl.harness import moe_config, run_gloo
+from megatron_gbl_lab.harness import moe_config, run_gloo
 
 switch_name = compat.upstream_lbl_switch()[0]
 DOC = os.path.join(os.path.dirname(__file__), "..", "docs", "bad_input.md")

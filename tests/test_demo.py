@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from megatron_gbl import cli, demo, harness
+from megatron_gbl_lab import cli, demo, harness
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 RANKS, MICROBATCHES, MICRO_BATCH_SIZE, SEQ = 4, 2, 2, 16

@@ -7,7 +7,7 @@ import torch
 import reference
 import workers
 from megatron_gbl import bias, metrics
-from megatron_gbl.harness import run_gloo
+from megatron_gbl_lab.harness import run_gloo
 
 TOPK, RATE = 2, 0.05  # a rate large enough that the bias really changes the routing
 

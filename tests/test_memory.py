@@ -1,7 +1,7 @@
 """What the plugin keeps per router: benchmarks/memory.py's formula against a real router."""
 
 from benchmarks import memory
-from megatron_gbl.harness import run_gloo
+from megatron_gbl_lab.harness import run_gloo
 
 
 def test_kept_bytes_match_the_formula():

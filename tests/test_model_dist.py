@@ -8,7 +8,7 @@ import torch
 import workers
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron_gbl.harness import run_gloo
+from megatron_gbl_lab.harness import run_gloo
 
 FIELDS = {f.name for f in dataclasses.fields(TransformerConfig)}
 FULL_RECOMPUTE = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)

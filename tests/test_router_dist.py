@@ -14,7 +14,7 @@ import reference
 import workers
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron_gbl import compat, metrics
-from megatron_gbl.harness import run_gloo
+from megatron_gbl_lab.harness import run_gloo
 
 TOPK, COEFF, HIDDEN = 2, 1e-2, 32
 padding_supported = "padding_mask" in inspect.signature(TopKRouter.routing).parameters

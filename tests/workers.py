@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 
 import megatron_gbl
-from megatron_gbl import compat, harness
+from megatron_gbl import compat
+from megatron_gbl_lab import harness
 
 SEQ, MICRO_BSZ = 6, 2
 

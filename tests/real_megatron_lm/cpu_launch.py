@@ -11,7 +11,8 @@ import importlib
 import os
 import sys
 
-from megatron_gbl import harness, launch
+from megatron_gbl import launch
+from megatron_gbl_lab import harness
 
 
 def install_megatron_training_shims(script: str) -> None:

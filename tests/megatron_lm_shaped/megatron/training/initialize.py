@@ -10,7 +10,7 @@ def initialize_megatron():
     args = parse_args()
     validate_args(args, {})
     global_vars.ARGS = args
-    from megatron_gbl import harness
+    from megatron_gbl_lab import harness
 
     harness.install_cpu_shims()
     torch.distributed.init_process_group("gloo")

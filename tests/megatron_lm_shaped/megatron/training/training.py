@@ -16,7 +16,7 @@ VOCAB = 64
 
 def pretrain():
     args = initialize_megatron()
-    from megatron_gbl import harness
+    from megatron_gbl_lab import harness
 
     config = harness.moe_config(
         num_layers=args.num_layers, hidden_size=args.hidden_size, num_moe_experts=args.num_experts,

@@ -1,4 +1,4 @@
-"""`megatron-gbl demo` and `megatron-gbl analyze` (console script megatron_gbl.cli:main).
+"""`megatron-gbl demo` and `megatron-gbl analyze` (console script megatron_gbl_lab.cli:main).
 
 Every argument is checked, and every data file read, before a process starts; a bad one ends
 the command with exit status 2 and a message that names the flag and the fix.
@@ -31,7 +31,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from megatron_gbl.demo import DemoSettings
+    from megatron_gbl_lab.demo import DemoSettings
 
     defaults = DemoSettings()
     parser = argparse.ArgumentParser(
@@ -96,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _demo(args) -> int:
-    from megatron_gbl import corpus, demo
+    from megatron_gbl_lab import corpus, demo
 
     settings = demo.DemoSettings(
         steps=args.steps, ranks=args.ranks, seed=args.seed, microbatches=args.microbatches,
@@ -133,7 +133,7 @@ def _demo(args) -> int:
 
 
 def _analyze(args) -> int:
-    from megatron_gbl import corpus, demo
+    from megatron_gbl_lab import corpus, demo
 
     if args.max_sequences < 1:
         raise ValueError(f"--max-sequences {args.max_sequences}: must be at least 1")

@@ -26,8 +26,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_gbl import corpus as corpus_lib
-from megatron_gbl import harness, metrics
+from megatron_gbl_lab import corpus as corpus_lib
+from megatron_gbl import metrics
+from megatron_gbl_lab import harness
 from megatron_gbl.analysis import RoutingCollector
 from megatron_gbl.config import BIAS_SCOPES, DP_SYNC_SCOPES, SCOPES
 
@@ -505,7 +506,7 @@ def run_demo(settings: DemoSettings, scopes: list[ScopeSpec], corpus: corpus_lib
 
 def write_figures(results: dict, out_dir: str) -> dict:
     """The demo's PNGs from its results: Fig. 1b heatmaps, training curves, Fig. 4a."""
-    from megatron_gbl import plots
+    from megatron_gbl_lab import plots
 
     runs = results["scopes"]
     routing = {label: run["routing"] for label, run in runs.items()}
@@ -526,7 +527,7 @@ def analyze_model(model_dir: str, records: list[dict], out_dir: str, max_sequenc
                   micro_batch_size: Optional[int]) -> dict:
     """`megatron-gbl analyze`: routing statistics of a saved demo model on labelled records,
     written as analysis.json and three PNGs (Fig. 1b, 4a, 4b) into `out_dir`."""
-    from megatron_gbl import plots
+    from megatron_gbl_lab import plots
 
     checkpoint = read_checkpoint(model_dir)
     domains = sorted({record["domain"] for record in records})

@@ -1,0 +1,247 @@
+"""The optimizer-step boundary: what is in force, each router's state, the public step API.
+
+Megatron-Core's schedules mark steps themselves once the plugin is enabled (patch.py wraps
+them); a custom training loop marks them with `step` (or `start_step` / `finish_step`). A step
+starts with every router's buffer empty (paper Alg. 1 line 8) and finishes by checking the
+router logits, logging the LBL and applying the expert-bias updates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import weakref
+from typing import Callable, Iterable, Optional, Union
+
+import torch
+from megatron.core.transformer.moe.router import TopKRouter
+
+from megatron_gbl import bias, comm, compat, metrics
+from megatron_gbl.config import Settings, check_sync_group_size, router_balancing
+from megatron_gbl.lbl import BalanceBSZ, RouterState, bias_groups
+
+logger = logging.getLogger("megatron_gbl")
+
+_STATE_ATTR = "_megatron_gbl"
+_SETTINGS: Optional[Settings] = None  # as enabled, with the scope switch
+_PHASE: Optional[Settings] = None  # in force for the current step
+_ITERATION = 0  # of the current step, 0-based
+_NEXT_ITERATION = 0
+_ITERATION_SOURCE: Optional[Callable[[], Optional[int]]] = None  # the trainer's own counter
+_ROUTERS: "weakref.WeakSet[TopKRouter]" = weakref.WeakSet()
+_SYNC_BLOCK_GROUPS: dict[int, object] = {}  # sync_group_size -> this rank's block group
+
+Model = Union[torch.nn.Module, Iterable[torch.nn.Module]]
+
+
+def activate(settings: Settings) -> None:
+    """Put `settings` in force from the next step on (patch.enable)."""
+    global _SETTINGS, _PHASE
+    _SETTINGS = settings
+    _PHASE = settings.at(_NEXT_ITERATION)
+
+
+def deactivate() -> None:
+    """Forget the settings, every router's state and the balance-block groups (patch.disable)."""
+    global _SETTINGS, _PHASE, _ITERATION, _NEXT_ITERATION, _ITERATION_SOURCE
+    for router in list(_ROUTERS):
+        delattr(router, _STATE_ATTR)
+    _ROUTERS.clear()
+    _SYNC_BLOCK_GROUPS.clear()
+    _SETTINGS = _PHASE = _ITERATION_SOURCE = None
+    _ITERATION = _NEXT_ITERATION = 0
+
+
+def settings() -> Optional[Settings]:
+    """The settings as enabled (scope switch included), None when the plugin is off."""
+    return _SETTINGS
+
+
+def phase() -> Optional[Settings]:
+    """The settings in force for the current step, None when the plugin is off."""
+    return _PHASE
+
+
+def set_iteration(iteration: int, source: Optional[Callable[[], Optional[int]]] = None) -> None:
+    """The 0-based index of the next training step (for the scope switch), e.g. after resuming
+    a run; `source`, if given, is asked first at every step (Megatron-LM's curr_iteration)."""
+    global _NEXT_ITERATION, _ITERATION_SOURCE
+    _NEXT_ITERATION, _ITERATION_SOURCE = iteration, source
+
+
+def start_step(model: Model, num_microbatches: Optional[int] = None,
+               iteration: Optional[int] = None) -> None:
+    """Begin an optimizer step: empty every router's buffer (paper Alg. 1 line 8).
+
+    Megatron-Core's schedules call this themselves once the plugin is enabled; custom training
+    loops call it before each step's first micro-batch, on every rank (or use `step`).
+    `num_microbatches` lets the routers reject a micro-batch that would be counted twice;
+    `iteration` (default: one more than the last step) decides the scope switch.
+    """
+    global _PHASE, _ITERATION, _NEXT_ITERATION
+    _require_enabled("start_step")
+    if iteration is None and _ITERATION_SOURCE is not None:
+        iteration = _ITERATION_SOURCE()
+    if iteration is None:
+        iteration = _NEXT_ITERATION
+    phase = _SETTINGS.at(iteration)
+    if phase.scope != _PHASE.scope:
+        logger.info("megatron_gbl: iteration %d: load-balancing scope %s -> %s", iteration,
+                    _PHASE.scope, phase.scope)
+    _PHASE, _ITERATION, _NEXT_ITERATION = phase, iteration, iteration + 1
+    if _SETTINGS.sync_group_size is not None:
+        sync_block_group(_SETTINGS.sync_group_size, build=True)
+    routers = _routers_of(model)
+    if any(router._megatron_gbl.in_step and router._megatron_gbl.bias is not None
+           and router._megatron_gbl.bias.recorded for router in routers):
+        raise RuntimeError(
+            "megatron_gbl: the previous step counted expert load for the expert-bias update but "
+            "was never finished: call megatron_gbl.finish_step(model) after a step's last "
+            "backward (or discard_step(model) after a failed one), or use `with "
+            "megatron_gbl.step(model):`"
+        )
+    for router in routers:
+        router._megatron_gbl.start_step(num_microbatches)
+        compat.reset_upstream_expert_load(router)
+
+
+def finish_step(model: Model) -> None:
+    """End an optimizer step after its last backward: log the LBL, apply the expert-bias updates.
+
+    Megatron-Core's schedules call this themselves; custom loops call it on every rank (a
+    collective with expert bias at global scope), before the optimizer step, or use `step`.
+    """
+    _require_enabled("finish_step")
+    in_step = [router for router in _routers_of(model) if router._megatron_gbl.in_step]
+    try:
+        _check_logits_finite(in_step)
+    except FloatingPointError:
+        discard_step(model)
+        raise
+    metrics.log_lbl(in_step)
+    routers = [router for router in in_step if router._megatron_gbl.bias is not None]
+    for router in routers:
+        router._megatron_gbl.bias.apply_pending(router.expert_bias)
+    if routers and _PHASE.scope == "global":
+        bias.step_update([router.expert_bias for router in routers],
+                         [router._megatron_gbl.bias for router in routers],
+                         *bias_groups(routers[0], _PHASE, sync_group(routers[0], _PHASE)))
+    for router in in_step:
+        router._megatron_gbl.close_step()
+
+
+def discard_step(model: Model) -> None:
+    """End a step that failed: nothing it counted reaches the next step or the expert bias."""
+    _require_enabled("discard_step")
+    for router in _routers_of(model):
+        router._megatron_gbl.close_step()
+
+
+@contextlib.contextmanager
+def step(model: Model, num_microbatches: Optional[int] = None,
+         iteration: Optional[int] = None):
+    """`with megatron_gbl.step(model, num_microbatches):` around one optimizer step's forward
+    and backward passes in a custom loop: start_step, then finish_step, or discard_step if the
+    step raises."""
+    start_step(model, num_microbatches, iteration)
+    try:
+        yield
+    except BaseException:
+        discard_step(model)
+        raise
+    finish_step(model)
+
+
+def routers(model: Optional[Model] = None) -> list[TopKRouter]:
+    """The TopKRouters of `model`, or every router the plugin has seen in training."""
+    if model is not None:
+        return _routers_of(model)
+    return sorted(_ROUTERS, key=lambda router: router.layer_number)
+
+
+def step_metrics(model: Optional[Model] = None) -> Optional[metrics.StepMetrics]:
+    """Micro- and global-batch LBL, load violation, expert bias and Balance BSZ of the last
+    training step.
+
+    No gradient; one collective over TP x CP and one over TP x DP x CP for all layers, so call
+    it on every rank after the step (Megatron-LM's logging does, via megatron_gbl.launch).
+    """
+    return metrics.step_metrics(routers(model))
+
+
+def balance_bsz(model: Model) -> dict[int, BalanceBSZ]:
+    """Per layer number: the tokens and sequences f_i (or the expert load) was computed over at
+    the last call."""
+    sizes = {router.layer_number: router._megatron_gbl.balance_bsz
+             for router in _routers_of(model)}
+    return {layer: size for layer, size in sizes.items() if size is not None}
+
+
+def _check_logits_finite(routers: list[TopKRouter]) -> None:
+    logit_sums = [total for router in routers for total in router._megatron_gbl.logit_sums]
+    # One sum of every layer's logit sums: NaN or inf if any is (the step's one host sync).
+    if not logit_sums or bool(torch.isfinite(torch.stack(logit_sums).sum())):
+        return
+    # Only after a failure: which layers (none if finite sums merely overflowed the total).
+    layers = [router.layer_number for router in routers
+              if not router._megatron_gbl.logits_finite()]
+    if layers:
+        raise FloatingPointError(
+            f"megatron_gbl: router logits with NaN or inf in MoE layer(s) {layers} at training "
+            f"iteration {_ITERATION} (0-based; Megatron-LM logs it as iteration "
+            f"{_ITERATION + 1}). The router's input already held them: check this step's data, "
+            "the learning rate and the loss scale (fp16), or set --check-for-nan-in-loss-and-grad; "
+            "the step is discarded, the expert bias is not updated."
+        )
+
+
+def _require_enabled(name: str) -> None:
+    if _SETTINGS is None:
+        raise RuntimeError(f"megatron_gbl.{name}: call megatron_gbl.enable(scope) first")
+
+
+def _routers_of(model: Model) -> list[TopKRouter]:
+    chunks = [model] if isinstance(model, torch.nn.Module) else list(model)
+    routers = [m for chunk in chunks for m in chunk.modules() if isinstance(m, TopKRouter)]
+    if not routers:
+        raise ValueError(
+            "megatron_gbl is enabled but the model has no MoE layer (no TopKRouter): set "
+            "num_moe_experts in the TransformerConfig, or call megatron_gbl.disable()"
+        )
+    for router in routers:
+        router_state(router)
+    return routers
+
+
+def router_state(router: TopKRouter) -> RouterState:
+    state = getattr(router, _STATE_ATTR, None)
+    if state is None:
+        state = RouterState(router_balancing(router.config, _SETTINGS))
+        setattr(router, _STATE_ATTR, state)
+        _ROUTERS.add(router)
+    return state
+
+
+def sync_block_group(sync_group_size: int, build: bool = False):
+    if sync_group_size not in _SYNC_BLOCK_GROUPS:
+        if not build:
+            raise RuntimeError(
+                f"megatron_gbl: sync_group_size={sync_group_size} needs its balance-block groups: "
+                "call megatron_gbl.enable(...) after initialize_model_parallel, or "
+                "megatron_gbl.start_step(model) on every rank before the first step"
+            )
+        dp_rank, dp_size = compat.data_parallel_rank_and_size()
+        check_sync_group_size(sync_group_size, dp_size)
+        tp_dp_cp = compat.default_tp_dp_cp_group()
+        _SYNC_BLOCK_GROUPS[sync_group_size] = comm.build_sync_block_group(
+            tp_dp_cp, dp_rank, sync_group_size
+        )
+    return _SYNC_BLOCK_GROUPS[sync_group_size]
+
+
+def sync_group(router: TopKRouter, settings: Settings):
+    if not settings.uses_dp_sync:
+        return None
+    if settings.sync_group_size is None:
+        return compat.tp_dp_cp_group(router)
+    return sync_block_group(settings.sync_group_size)
