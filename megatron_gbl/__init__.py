@@ -30,29 +30,30 @@ Megatron-LM: `python -m megatron_gbl.launch pretrain_gpt.py ... --moe-lbl-scope=
 (megatron_gbl.megatron_lm holds the flags and the logging hook).
 """
 
-from megatron_gbl.config import SCOPES, Settings
-from megatron_gbl.lbl import BalanceBSZ
-from megatron_gbl.metrics import StepMetrics
-from megatron_gbl.patch import disable, enable, enabled, is_enabled
-from megatron_gbl.steps import (
-    balance_bsz, discard_step, finish_step, set_iteration, start_step, step, step_metrics,
-)
+import importlib
 
-__all__ = [
-    "SCOPES",
-    "BalanceBSZ",
-    "Settings",
-    "StepMetrics",
-    "balance_bsz",
-    "disable",
-    "discard_step",
-    "enable",
-    "enabled",
-    "finish_step",
-    "is_enabled",
-    "set_iteration",
-    "start_step",
-    "step",
-    "step_metrics",
-]
+# Public name -> the module that defines it. Imported on first use (PEP 562), so that
+# `megatron_gbl.scopes` (and the lab's command line) load without torch and Megatron-Core.
+_PUBLIC = {
+    "SCOPES": "megatron_gbl.scopes",
+    "BalanceBSZ": "megatron_gbl.lbl",
+    "Settings": "megatron_gbl.config",
+    "StepMetrics": "megatron_gbl.metrics",
+    **dict.fromkeys(("disable", "enable", "enabled", "is_enabled"), "megatron_gbl.patch"),
+    **dict.fromkeys(("balance_bsz", "discard_step", "finish_step", "set_iteration", "start_step",
+                     "step", "step_metrics"), "megatron_gbl.steps"),
+}
+__all__ = sorted(_PUBLIC)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'megatron_gbl' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

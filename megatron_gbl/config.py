@@ -7,11 +7,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from megatron_gbl import compat
-
-SCOPES = ("micro", "seq", "dp", "global", "shuffle")
-DP_SYNC_SCOPES = ("dp", "global")
-# Scopes with a per-expert load statistic for the auxiliary-loss-free bias update.
-BIAS_SCOPES = ("micro", "dp", "global")
+from megatron_gbl.scopes import BIAS_SCOPES, DP_SYNC_SCOPES, SCOPES
 
 
 @dataclass(frozen=True)

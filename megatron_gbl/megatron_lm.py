@@ -25,7 +25,8 @@ import inspect
 import torch
 
 from megatron_gbl import compat, metrics, patch, steps
-from megatron_gbl.config import SCOPES, Settings, check_sync_group_size, router_balancing
+from megatron_gbl.config import Settings, check_sync_group_size, router_balancing
+from megatron_gbl.scopes import SCOPES
 
 HISTOGRAM_TAG = "moe/tokens_per_expert_layer_{}"
 

@@ -1,7 +1,8 @@
 """`megatron-gbl demo` and `megatron-gbl analyze` (console script megatron_gbl_lab.cli:main).
 
-Every argument is checked, and every data file read, before a process starts; a bad one ends
-the command with exit status 2 and a message that names the flag and the fix.
+Every argument is checked, and every data file read, before torch or Megatron-Core is imported
+(so help and argument errors answer at once) and before a process starts; a bad one ends the
+command with exit status 2 and a one-line message that names the flag and the fix.
 """
 
 from __future__ import annotations
@@ -9,8 +10,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 from typing import Optional, Sequence
+
+from megatron_gbl_lab import corpus
+from megatron_gbl_lab.runs import DemoSettings, check_settings, checkpoint_path, parse_scopes
 
 BUILTIN_DOMAINS = 4
 BUILTIN_TRAIN_DOCS = 1000   # per domain, about 250 KB of text each
@@ -19,10 +22,8 @@ BUILTIN_CORPUS_SEED = 0     # fixed: --seed changes initial weights and data ord
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    # Megatron-Core warns about optional GPU packages (Transformer Engine, Apex) on import, here
-    # and in every spawned rank (those read PYTHONWARNINGS; a user's own setting wins).
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
-    os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning")
+    import megatron_gbl_lab.quiet  # noqa: F401 - before torch and Megatron-Core are imported
+
     args = _parser().parse_args(argv)
     try:
         return args.command(args)
@@ -30,14 +31,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.subparser.error(str(error))
 
 
-def _parser() -> argparse.ArgumentParser:
-    from megatron_gbl_lab.demo import DemoSettings
+class _Parser(argparse.ArgumentParser):
+    """Errors as one line naming the flag and the fix, without the usage block above it."""
 
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _parser() -> argparse.ArgumentParser:
     defaults = DemoSettings()
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="megatron-gbl",
         description="Global-batch load balancing for Megatron-Core MoE (Qiu et al. 2025).")
-    commands = parser.add_subparsers(required=True, metavar="{demo,analyze}")
+    commands = parser.add_subparsers(required=True, metavar="{demo,analyze}", parser_class=_Parser)
 
     demo = commands.add_parser(
         "demo", help="train a tiny GPT-MoE per load-balancing scope on CPU and compare them",
@@ -96,14 +102,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _demo(args) -> int:
-    from megatron_gbl_lab import corpus, demo
-
-    settings = demo.DemoSettings(
+    settings = DemoSettings(
         steps=args.steps, ranks=args.ranks, seed=args.seed, microbatches=args.microbatches,
         micro_batch_size=args.micro_batch_size, seq_length=args.seq_length,
         eval_sequences=args.eval_sequences)
-    demo.check_settings(settings)
-    scopes = demo.parse_scopes(args.scopes, settings)
+    check_settings(settings)
+    scopes = parse_scopes(args.scopes, settings)
     if (args.train_data is None) != (args.valid_data is None):
         raise ValueError("--train-data and --valid-data go together; pass both, or neither for "
                          "the built-in corpus")
@@ -112,20 +116,24 @@ def _demo(args) -> int:
                                          "train")
         valid = corpus.synthetic_records(BUILTIN_DOMAINS, BUILTIN_VALID_DOCS, BUILTIN_CORPUS_SEED,
                                          "valid")
+    else:
+        train = corpus.read_jsonl(args.train_data, args.domain_key, "--train-data")
+        valid = corpus.read_jsonl(args.valid_data, args.domain_key, "--valid-data")
+    domains = corpus.check_corpus(train, valid, settings.seq_length + 1)
+    if args.train_data is None:
         os.makedirs(args.out, exist_ok=True)
         # Written out so that `analyze` (and a re-run with --train-data) can use the same text.
         corpus.write_jsonl(os.path.join(args.out, "train.jsonl"), train)
         corpus.write_jsonl(os.path.join(args.out, "valid.jsonl"), valid)
-    else:
-        train = corpus.read_jsonl(args.train_data, args.domain_key, "--train-data")
-        valid = corpus.read_jsonl(args.valid_data, args.domain_key, "--valid-data")
-    data = corpus.build_corpus(train, valid, settings.seq_length + 1)
     print(f"megatron-gbl demo: {len(scopes)} scope(s) x {settings.steps} steps, {settings.ranks} "
           f"gloo ranks x {settings.microbatches} micro-batches x {settings.micro_batch_size} "
-          f"sequences of {settings.seq_length} bytes, domains: {', '.join(data.domains)}",
+          f"sequences of {settings.seq_length} bytes, domains: {', '.join(domains)}",
           file=sys.stderr)
+    from megatron_gbl_lab import batches, demo, report
+
+    data = batches.build_corpus(train, valid, domains)
     results = demo.run_demo(settings, scopes, data, args.out, progress=not args.no_progress)
-    print(demo.format_table(results))
+    print(report.format_table(results))
     print(f"\n{results['wall_seconds']:.0f} s. Results: {os.path.join(args.out, 'results.json')}; "
           f"figures: {', '.join(results['files'].values())}; models: "
           f"{', '.join(run['model_dir'] for run in results['scopes'].values())}")
@@ -133,15 +141,15 @@ def _demo(args) -> int:
 
 
 def _analyze(args) -> int:
-    from megatron_gbl_lab import corpus, demo
-
     if args.max_sequences < 1:
         raise ValueError(f"--max-sequences {args.max_sequences}: must be at least 1")
     if args.micro_batch_size is not None and args.micro_batch_size < 1:
         raise ValueError(f"--micro-batch-size {args.micro_batch_size}: must be at least 1")
-    demo.checkpoint_path(args.model)  # a wrong --model fails before the data is read
+    checkpoint_path(args.model)  # a wrong --model fails before the data is read
     records = corpus.read_jsonl(args.data, args.domain_key, "--data")
     out = args.out or os.path.join(args.model, "analysis")
+    from megatron_gbl_lab import demo
+
     result = demo.analyze_model(args.model, records, out, args.max_sequences,
                                 args.micro_batch_size)
     routing = result["routing"]

@@ -1,6 +1,6 @@
-"""Multi-domain text for the demo: a built-in synthetic corpus, JSONL reading, byte tokens,
-and the paper's batch layout (Sec. 2.2): every micro-batch holds packed and truncated
-sequences of one domain, every global batch mixes micro-batches of different domains.
+"""Multi-domain text for the demo: a built-in synthetic corpus, JSONL reading and checks, byte
+tokens (pure Python: the command line checks data files before torch is imported;
+batches.py turns the text into token streams and batches).
 
 The built-in corpus is generated offline from a seeded RNG, nothing is downloaded or copied.
 Each domain is a small artificial language with its own alphabet (a random subset of a shared
@@ -15,9 +15,6 @@ import json
 import os
 import random
 import string
-from dataclasses import dataclass
-
-import torch
 
 EOD = 256  # end-of-document token after the 256 byte values
 VOCAB_SIZE = 257
@@ -30,16 +27,6 @@ _SUCCESSOR_WEIGHTS = (0.6, 0.3, 0.1)  # each word's three likely next words
 _RESTART_PROBABILITY = 0.1            # chance to jump to a Zipf-drawn word instead
 _SENTENCE_WORDS = (5, 12)
 _DOC_SENTENCES = (3, 10)
-
-
-@dataclass(frozen=True)
-class Corpus:
-    """Token streams per domain: `train[d]` and `valid[d]` are 1-D int64 tensors of the
-    domain's documents, byte tokens with EOD after each document (packed, as in pre-training)."""
-
-    domains: list[str]
-    train: list[torch.Tensor]
-    valid: list[torch.Tensor]
 
 
 def synthetic_records(num_domains: int, num_docs: int, seed: int, split: str) -> list[dict]:
@@ -124,17 +111,18 @@ def tokenize(text: str) -> list[int]:
     return list(text.encode("utf-8"))
 
 
-def domain_streams(records: list[dict], domains: list[str]) -> list[torch.Tensor]:
+def domain_tokens(records: list[dict], domains: list[str]) -> list[list[int]]:
     """Per domain (in the order of `domains`), its documents' tokens with EOD after each."""
     tokens = {domain: [] for domain in domains}
     for record in records:
         tokens[record["domain"]] += tokenize(record["text"]) + [EOD]
-    return [torch.tensor(tokens[domain], dtype=torch.long) for domain in domains]
+    return [tokens[domain] for domain in domains]
 
 
-def build_corpus(train_records: list[dict], valid_records: list[dict], min_tokens: int) -> Corpus:
-    """Group records by domain; every domain needs at least `min_tokens` tokens in both splits
-    (one sequence plus its shifted label) and validation needs the same domains as training."""
+def check_corpus(train_records: list[dict], valid_records: list[dict], min_tokens: int) -> list[str]:
+    """The domains of the training records, sorted, once the records can make a demo corpus:
+    every domain has at least `min_tokens` tokens in both splits (one sequence plus its
+    shifted label) and validation has the same domains as training."""
     domains = sorted({record["domain"] for record in train_records})
     if len(domains) < 2:
         raise ValueError(f"--train-data: found {len(domains)} domain ({', '.join(domains)}); the "
@@ -143,36 +131,9 @@ def build_corpus(train_records: list[dict], valid_records: list[dict], min_token
     if valid_domains != domains:
         raise ValueError(f"--valid-data: domains {valid_domains} differ from --train-data's "
                          f"{domains}; both files need the same set of domains")
-    corpus = Corpus(domains, domain_streams(train_records, domains),
-                    domain_streams(valid_records, domains))
-    for flag, streams in (("--train-data", corpus.train), ("--valid-data", corpus.valid)):
-        for domain, stream in zip(domains, streams):
-            if len(stream) < min_tokens:
-                raise ValueError(f"{flag}: domain {domain!r} has {len(stream)} tokens, fewer than "
+    for flag, records in (("--train-data", train_records), ("--valid-data", valid_records)):
+        for domain, tokens in zip(domains, domain_tokens(records, domains)):
+            if len(tokens) < min_tokens:
+                raise ValueError(f"{flag}: domain {domain!r} has {len(tokens)} tokens, fewer than "
                                  f"one sequence ({min_tokens}); add text or lower --seq-length")
-    return corpus
-
-
-def step_domains(seed: int, step: int, num_slots: int, num_domains: int) -> list[int]:
-    """The domain of each of a step's `num_slots` micro-batches (all ranks x accumulation).
-
-    Domains are spread as evenly as the slots allow and shuffled per step, so every global
-    batch mixes domains while every micro-batch holds one. Same on every rank and every scope.
-    """
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    order = torch.randperm(num_slots, generator=generator)
-    offset = int(torch.randint(num_domains, (1,), generator=generator))
-    return [int(order[slot] + offset) % num_domains for slot in range(num_slots)]
-
-
-def sample_windows(stream: torch.Tensor, count: int, length: int,
-                   generator: torch.Generator) -> torch.Tensor:
-    """`count` random windows of `length` tokens from a packed stream: [count, length]."""
-    starts = torch.randint(len(stream) - length + 1, (count,), generator=generator)
-    return torch.stack([stream[start:start + length] for start in starts.tolist()])
-
-
-def heldout_windows(stream: torch.Tensor, max_count: int, length: int) -> torch.Tensor:
-    """Up to `max_count` consecutive non-overlapping windows from the start: [n, length]."""
-    count = min(max_count, len(stream) // length)
-    return stream[:count * length].view(count, length)
+    return domains

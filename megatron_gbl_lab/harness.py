@@ -121,7 +121,8 @@ def run_gloo(fn: Callable, world_size: int, *args, timeout_s: float = 600.0) -> 
     ctx = mp.get_context("forkserver")
     # Ranks fork from one server that imported torch and Megatron-Core once per session,
     # instead of each spawned rank importing them again (seconds per process, per run).
-    ctx.set_forkserver_preload(["megatron_gbl.patch", "megatron_gbl_lab.harness"])
+    ctx.set_forkserver_preload(["megatron_gbl_lab.quiet", "megatron_gbl.patch",
+                                "megatron_gbl_lab.harness"])
     results = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "rendezvous")

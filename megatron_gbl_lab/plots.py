@@ -7,6 +7,7 @@ by a run label (a scope such as "global", or a model directory).
 from __future__ import annotations
 
 import math
+import os
 
 
 def _pyplot():
@@ -129,9 +130,10 @@ def topk_score_sums(scores: dict, domains: list[str], uniform: float, path: str)
     plt.close(fig)
 
 
-def overlap_heatmaps(overlap: list, domains: list[str], path: str) -> None:
+def overlap_heatmaps(overlap: list, domains: list[str], high_factor: float, path: str) -> None:
     """Fig. 4b: per layer, the Jaccard overlap of two domains' high-frequency experts,
-    overlap [L][D][D] (NaN, shown blank, where neither domain has one)."""
+    overlap [L][D][D] (NaN where neither domain has one: such a cell says "none", and the
+    caption says what that means)."""
     plt = _pyplot()
     layers = len(overlap)
     fig, axes = plt.subplots(1, layers, squeeze=False, constrained_layout=True,
@@ -143,14 +145,17 @@ def overlap_heatmaps(overlap: list, domains: list[str], path: str) -> None:
         for i in range(len(domains)):
             for j in range(len(domains)):
                 value = overlap[layer][i][j]
-                if not math.isnan(value):
-                    ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
-                            color="white" if value > 0.5 else "black")
+                blank = math.isnan(value)
+                ax.text(j, i, "none" if blank else f"{value:.2f}", ha="center", va="center",
+                        fontsize=6 if blank else 7, style="italic" if blank else "normal",
+                        color="grey" if blank else "white" if value > 0.5 else "black")
         ax.set_title(f"layer {layer + 1}", fontsize=9)
         ax.set_xticks(range(len(domains)), domains, rotation=90, fontsize=7)
         ax.set_yticks(range(len(domains)), domains if layer == 0 else [""] * len(domains),
                       fontsize=7)
     fig.colorbar(image, ax=axes, shrink=0.8, label="high-frequency expert overlap (Jaccard)")
+    fig.supxlabel(f"none: neither domain has a high-frequency expert (one chosen by at least "
+                  f"{high_factor:g}K/E of its tokens), so there is nothing to overlap", fontsize=7)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -169,3 +174,20 @@ def _moving_average(values: list, window: int) -> list:
         sums += value - (values[i - window] if i >= window else 0.0)
         averaged.append(sums / min(i + 1, window))
     return averaged
+
+
+def demo_figures(results: dict, out_dir: str) -> dict:
+    """The demo's PNGs from its results: Fig. 1b heatmaps, training curves, Fig. 4a."""
+    runs = results["scopes"]
+    routing = {label: run["routing"] for label, run in runs.items()}
+    first = next(iter(routing.values()))
+    files = {name: os.path.join(out_dir, file) for name, file in (
+        ("heatmaps", "selection_heatmaps.png"), ("curves", "training_curves.png"),
+        ("topk", "topk_score_sums.png"))}
+    selection_heatmaps({label: r["selection_frequency"] for label, r in routing.items()},
+                             results["domains"], first["uniform_frequency"], files["heatmaps"])
+    training_curves({label: run["train_curves"] for label, run in runs.items()},
+                          files["curves"])
+    topk_score_sums({label: r["topk_score_sum"] for label, r in routing.items()},
+                          results["domains"], first["uniform_topk_score_sum"], files["topk"])
+    return files

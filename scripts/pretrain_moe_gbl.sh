@@ -24,12 +24,25 @@ $(common_options_help)
 Examples:
   ${prog} --megatron-lm ~/Megatron-LM --config configs/moe_3.4a0.6b.args \\
       --data-path /data/corpus_text_document -- --save ckpt --tensorboard-dir tb
-  ${prog} --megatron-lm ~/Megatron-LM --config configs/tiny_moe.args --mock-data \\
-      --nproc 1 --ep 1
+  ${prog} --megatron-lm ~/Megatron-LM --config configs/tiny_moe.args --mock-data
 EOF
 }
 
+# What this node can run: expert parallel must divide the processes; more processes than GPUs
+# is allowed (several per GPU, say), but said.
+check_node_fits() {
+  ((nproc % ep == 0)) || die "--ep ${ep} must divide the ${nproc} processes of this node" \
+    "(--nproc); lower --ep or raise --nproc"
+  local gpus
+  if command -v nvidia-smi >/dev/null && gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU') \
+    && ((nproc > gpus)); then
+    echo "${prog}: warning: --nproc ${nproc} starts more processes than the ${gpus} GPU(s)" \
+      "nvidia-smi shows on this node; pass --nproc ${gpus} (and an --ep dividing it)" >&2
+  fi
+}
+
 parse_common_options "$@"
+check_node_fits
 build_megatron_args
 build_env
 run_or_print env "${run_env[@]}" "${TORCHRUN:-torchrun}" --standalone --nnodes 1 \

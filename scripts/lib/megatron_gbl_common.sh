@@ -11,14 +11,18 @@ Options (each also read from the environment variable in brackets):
   --megatron-lm PATH   Megatron-LM checkout holding pretrain_gpt.py          [MEGATRON_LM]
   --config FILE        Megatron-LM arguments, one per line, '#' comments     [CONFIG]
                        (configs/*.args; a relative path is tried in the current
-                       directory, then in the megatron-gbl checkout)
+                       directory, then in the megatron-gbl checkout). A line
+                       '# megatron-gbl: --nproc N --ep N' sets this script's
+                       defaults for the config (e.g. tiny_moe.args: one GPU)
   --data-path PREFIX   indexed dataset prefix(es) from Megatron's preprocess_data.py;
                        "W1 P1 W2 P2" for a weighted blend                    [DATA_PATH]
   --mock-data          Megatron's synthetic data instead of --data-path      [MOCK_DATA=1]
-  --scope SCOPE        --moe-lbl-scope: micro, seq, dp, global, or none for
-                       Megatron's own load balancing (default global)        [MOE_LBL_SCOPE]
-  --nproc N            GPUs (processes) per node (default 8)                 [NPROC_PER_NODE]
-  --ep N               --expert-model-parallel-size (default 8)              [EXPERT_PARALLEL]
+  --scope SCOPE        --moe-lbl-scope: micro, seq, dp, global, shuffle, or none
+                       for Megatron's own load balancing (default global)    [MOE_LBL_SCOPE]
+  --nproc N            GPUs (processes) per node (default: the config's,     [NPROC_PER_NODE]
+                       else 8)
+  --ep N               --expert-model-parallel-size (default: the config's,  [EXPERT_PARALLEL]
+                       else 8)
   --dry-run            print the command instead of running it
   -h, --help           this help
   -- ARGS...           further Megatron-LM arguments (--save, --load, --tensorboard-dir,
@@ -39,8 +43,8 @@ parse_common_options() {
   data_path=${DATA_PATH:-}
   mock_data=${MOCK_DATA:-0}
   scope=${MOE_LBL_SCOPE:-global}
-  nproc=${NPROC_PER_NODE:-8}
-  ep=${EXPERT_PARALLEL:-8}
+  nproc=${NPROC_PER_NODE:-}  # empty: the config's default, else 8
+  ep=${EXPERT_PARALLEL:-}
   dry_run=0
   extra_args=()
   local opt
@@ -74,13 +78,12 @@ parse_common_options() {
   check_common_options
 }
 
+# megatron_gbl.scopes.SCOPES (tests/test_scripts.py keeps the two lists equal).
+SCOPES="micro seq dp global shuffle"
+
 check_common_options() {
-  case ${scope} in
-    micro | seq | dp | global | none) ;;
-    *) die "--scope must be one of micro, seq, dp, global, none; got '${scope}'" ;;
-  esac
-  [[ ${nproc} =~ ^[1-9][0-9]*$ ]] || die "--nproc must be a positive integer, got '${nproc}'"
-  [[ ${ep} =~ ^[1-9][0-9]*$ ]] || die "--ep must be a positive integer, got '${ep}'"
+  [[ " ${SCOPES} none " == *" ${scope} "* ]] \
+    || die "--scope must be one of ${SCOPES// /, }, none; got '${scope}'"
   [ -n "${megatron_lm}" ] \
     || die "no Megatron-LM checkout: pass --megatron-lm PATH or set MEGATRON_LM"
   [ -f "${megatron_lm}/pretrain_gpt.py" ] \
@@ -91,11 +94,30 @@ check_common_options() {
     config=${repo_root}/${config}
   fi
   [ -f "${config}" ] || die "config file '${config}' not found"
+  read_config_defaults
+  [[ ${nproc} =~ ^[1-9][0-9]*$ ]] || die "--nproc must be a positive integer, got '${nproc}'"
+  [[ ${ep} =~ ^[1-9][0-9]*$ ]] || die "--ep must be a positive integer, got '${ep}'"
   if [ "${mock_data}" = 1 ] && [ -n "${data_path}" ]; then
     die "give either --data-path or --mock-data, not both"
   fi
   [ "${mock_data}" = 1 ] || [ -n "${data_path}" ] \
     || die "no data: pass --data-path PREFIX (or set DATA_PATH), or --mock-data"
+}
+
+# The config's own --nproc / --ep ('# megatron-gbl: --nproc N --ep N'), where neither the
+# command line nor the environment gave one; then the built-in defaults.
+read_config_defaults() {
+  local words i
+  read -r -a words <<<"$(sed -n 's/^# *megatron-gbl: *//p' "${config}" | tr '\n' ' ')"
+  for ((i = 0; i < ${#words[@]}; i += 2)); do
+    case ${words[i]} in
+      --nproc) nproc=${nproc:-${words[i + 1]:-}} ;;
+      --ep) ep=${ep:-${words[i + 1]:-}} ;;
+      *) die "${config}: '# megatron-gbl:' takes --nproc N and --ep N, got '${words[i]}'" ;;
+    esac
+  done
+  nproc=${nproc:-8}
+  ep=${ep:-8}
 }
 
 # Appends the config's arguments to megatron_args. Words split on whitespace (no quoting), so

@@ -1,0 +1,7 @@
+"""The load-balancing scopes, as names only: importable without torch or Megatron-Core (the
+lab's command line checks its arguments against them before anything heavy is imported)."""
+
+SCOPES = ("micro", "seq", "dp", "global", "shuffle")
+DP_SYNC_SCOPES = ("dp", "global")
+# Scopes with a per-expert load statistic for the auxiliary-loss-free bias update.
+BIAS_SCOPES = ("micro", "dp", "global")

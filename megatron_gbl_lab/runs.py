@@ -1,0 +1,267 @@
+"""What the demo runs: its settings and the `--scopes` grammar (no torch import: the command
+line checks its arguments before anything heavy is loaded).
+
+A run is a load-balancing scope or one of the paper's ablations: aux-free balancing at a scope,
+Shuffle LBL, a micro-batch LBL beside the global one, a scope switch.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+from megatron_gbl.scopes import BIAS_SCOPES, DP_SYNC_SCOPES, SCOPES
+
+
+MIN_RANKS = 4
+MODEL_FILE = "model.pt"  # in each run's directory (ScopeSpec.dirname)
+@dataclass(frozen=True)
+class DemoSettings:
+    """Everything one demo run depends on (saved in results.json and with every model)."""
+
+    steps: int = 500
+    ranks: int = 4
+    microbatches: int = 2        # per rank per step: gradient accumulation
+    micro_batch_size: int = 4    # sequences per micro-batch
+    seq_length: int = 64         # bytes per sequence
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_experts: int = 8
+    topk: int = 2
+    aux_loss_coeff: float = 1e-2  # Switch / ST-MoE's weight, which the paper follows
+    expert_bias_update_rate: float = 1e-3  # auxfree-* runs: u of Wang et al., Megatron's default
+    lr: float = 3e-3             # peak: linear warm-up over 5% of the steps, cosine to 10%
+    seed: int = 0
+    eval_sequences: int = 128    # held-out sequences per domain
+
+    def model_overrides(self, aux_free: bool = False) -> dict:
+        """harness.moe_config keyword arguments of the demo model (saved with it).
+
+        LBL runs: softmax gating and the aux_loss LBL. `aux_free`: sigmoid gating with expert
+        bias and no LBL (auxiliary-loss-free balancing, Wang et al. 2024). Both have the same
+        parameters, so the same seed gives them the same initial weights.
+        """
+        balancing = (
+            dict(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+                 moe_router_bias_update_rate=self.expert_bias_update_rate,
+                 moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0)
+            if aux_free else
+            dict(moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=self.aux_loss_coeff))
+        return dict(
+            num_layers=self.num_layers, hidden_size=self.hidden_size, num_attention_heads=4,
+            ffn_hidden_size=2 * self.hidden_size, moe_ffn_hidden_size=2 * self.hidden_size,
+            num_moe_experts=self.num_experts, moe_router_topk=self.topk, **balancing,
+        )
+
+
+AUX_FREE_PREFIX = "auxfree-"
+SWITCH_WORD = "-then-"
+DEFAULT_MICRO_RATIO = 0.01  # paper Tab. 5: the micro-batch LBL at 1% of the main LBL's weight
+@dataclass(frozen=True)
+class ScopeSpec:
+    """One run of the demo: `label` as the user wrote it, the model and plugin arguments it
+    means. Specs that differ only in their label are the same run.
+
+    aux_free: auxiliary-loss-free balancing (expert bias, no LBL) at `scope`, instead of an LBL.
+    micro_ratio: weight of an extra micro-batch LBL beside a dp/global one, as a fraction of
+        the demo's aux_loss_coeff (0: none).
+    switch_scope, switch_step: `switch_scope` takes over at training step `switch_step`
+        (0-based: after that many steps at `scope`).
+    """
+
+    label: str = field(compare=False)
+    scope: str
+    sync_group_size: Optional[int] = None
+    aux_free: bool = False
+    micro_ratio: float = 0.0
+    switch_scope: Optional[str] = None
+    switch_step: Optional[int] = None
+
+    @property
+    def dirname(self) -> str:
+        # ':' is the only character of the --scopes grammar that some file systems refuse.
+        return self.label.replace(":", "-")
+
+    @property
+    def method(self) -> str:
+        """The balancing method in words, e.g. "LBL + 1% micro", "aux-free, micro→global@250"."""
+        if self.aux_free:
+            method = "aux-free"
+        elif self.scope == "shuffle" and self.switch_scope is None:
+            method = "shuffle LBL"
+        else:
+            method = "LBL"
+        if self.micro_ratio:
+            method += f" + {100 * self.micro_ratio:g}% micro"
+        if self.switch_scope is not None:
+            method += f", {self.scope}→{self.switch_scope}@{self.switch_step}"
+        return method
+
+    def model_overrides(self, settings: DemoSettings) -> dict:
+        return settings.model_overrides(self.aux_free)
+
+    def enable_arguments(self, settings: DemoSettings) -> dict:
+        """megatron_gbl.enable's keyword arguments besides the scope and the model."""
+        return dict(sync_group_size=self.sync_group_size,
+                    micro_coeff=self.micro_ratio * settings.aux_loss_coeff,
+                    switch_scope=self.switch_scope, switch_iteration=self.switch_step,
+                    shuffle_seed=settings.seed)
+
+    def enable_plugin(self, model, settings: DemoSettings) -> None:
+        import megatron_gbl
+
+        megatron_gbl.enable(self.scope, model=model, **self.enable_arguments(settings))
+
+
+def scopes_usage(ranks: int) -> str:
+    """What --scopes accepts, for its errors."""
+    return (
+        "use a comma-separated list of runs, each one of: micro, seq, dp, global, shuffle, dp:N, "
+        f"global:N (LBL scopes; N ranks per balance block, dividing --ranks {ranks}); "
+        "auxfree-micro, auxfree-dp, auxfree-global, auxfree-dp:N, auxfree-global:N "
+        "(auxiliary-loss-free balancing at that scope, no LBL); dp, global, dp:N or global:N "
+        "followed by +micro or +micro=R (plus a micro-batch LBL at R times the LBL weight, "
+        f"default {DEFAULT_MICRO_RATIO:g}); A-then-B@S (A for the first S steps, 1 <= S < "
+        "--steps, then B; both LBL runs or both auxfree-), e.g. --scopes "
+        "micro,global,auxfree-global,shuffle,global+micro,micro-then-global@250"
+    )
+
+
+def parse_scopes(text: str, settings: DemoSettings) -> list[ScopeSpec]:
+    """`--scopes micro,dp:2,global,auxfree-global,global+micro,micro-then-global@250` -> specs
+    (grammar in `scopes_usage`); --ranks bounds the N of :N, --steps the S of A-then-B@S."""
+    usage = scopes_usage(settings.ranks)
+    specs = [_parse_run(label, settings, usage) for label in (p.strip() for p in text.split(","))]
+    for index, spec in enumerate(specs):
+        twin = next((other for other in specs[:index] if other == spec), None)
+        if twin is not None:
+            raise ValueError(f"--scopes: {text!r} names the same run twice ({twin.label!r} and "
+                             f"{spec.label!r}); drop one; {usage}")
+    return specs
+
+
+def _parse_run(label: str, settings: DemoSettings, usage: str) -> ScopeSpec:
+    """One entry of --scopes: a single scope, or A-then-B@S."""
+    if not label:
+        raise ValueError(f"--scopes: an entry is empty; {usage}")
+    if SWITCH_WORD not in label and "@" not in label:
+        return _parse_phase(label, label, settings.ranks, usage)
+    phases_text, at, step_text = label.rpartition("@")
+    phases = phases_text.split(SWITCH_WORD)
+    if not at or len(phases) != 2:
+        raise ValueError(f"--scopes: {label!r} is not a scope switch; write one switch as "
+                         f"A-then-B@S, e.g. micro-then-global@250; {usage}")
+    first, then = (_parse_phase(phase, label, settings.ranks, usage) for phase in phases)
+    switch_step = _digits(step_text)
+    if switch_step is None or not 1 <= switch_step < settings.steps:
+        raise ValueError(f"--scopes: {label!r} switches at step {step_text!r}; S in A-then-B@S "
+                         f"is the number of steps run with A, an integer with 1 <= S < --steps "
+                         f"{settings.steps}; {usage}")
+    return _switch(first, then, switch_step, label, usage)
+
+
+def _switch(first: ScopeSpec, then: ScopeSpec, switch_step: int, label: str,
+            usage: str) -> ScopeSpec:
+    """A-then-B@S as one spec: the plugin keeps one :N and one +micro for both halves, in force
+    while the scope is dp or global."""
+    if first.aux_free != then.aux_free:
+        raise ValueError(
+            f"--scopes: {label!r} switches between an LBL and aux-free balancing, which need "
+            "different routers; make both halves LBL scopes or both auxfree- scopes, e.g. "
+            f"micro-then-global@{switch_step} or auxfree-micro-then-auxfree-global@{switch_step}; "
+            f"{usage}")
+    if first.scope == then.scope:
+        raise ValueError(f"--scopes: {label!r} switches from {first.scope} to {then.scope}; "
+                         f"switch to another scope, or drop the switch; {usage}")
+    synced = [phase for phase in (first, then) if phase.scope in DP_SYNC_SCOPES]
+    if len({(phase.sync_group_size, phase.micro_ratio) for phase in synced}) > 1:
+        raise ValueError(
+            f"--scopes: {label!r}: both halves sync over data parallel, and one switched run "
+            f"has a single :N and +micro for both; give them the same :N and +micro; {usage}")
+    dp_options = synced[0] if synced else first
+    return ScopeSpec(label, first.scope, dp_options.sync_group_size, first.aux_free,
+                     dp_options.micro_ratio, then.scope, switch_step)
+
+
+def _parse_phase(text: str, label: str, ranks: int, usage: str) -> ScopeSpec:
+    """[auxfree-]SCOPE[:N][+micro[=R]], the whole run `label` or one half of its switch."""
+    base, plus, addition = text.partition("+")
+    aux_free = base.startswith(AUX_FREE_PREFIX)
+    name, colon, size = base.removeprefix(AUX_FREE_PREFIX).partition(":")
+    if name not in SCOPES:
+        where = "" if name == label else f" in {label!r}"
+        raise ValueError(f"--scopes: unknown scope {name!r}{where}; {usage}")
+    if aux_free and name not in BIAS_SCOPES:
+        raise ValueError(
+            f"--scopes: {label!r}: aux-free balancing updates the expert bias from the expert "
+            f"load at its scope, which {name} does not count; use auxfree-micro, auxfree-dp or "
+            f"auxfree-global; {usage}")
+    sync_group_size = _sync_group_size(size, name, label, ranks, usage) if colon else None
+    micro_ratio = _micro_ratio(addition, name, aux_free, label, usage) if plus else 0.0
+    return ScopeSpec(label, name, sync_group_size, aux_free, micro_ratio)
+
+
+def _sync_group_size(size: str, name: str, label: str, ranks: int, usage: str) -> int:
+    """N of SCOPE:N: ranks per balance block, only for dp and global, dividing --ranks."""
+    sync_group_size = _digits(size)
+    if name not in DP_SYNC_SCOPES or sync_group_size is None or sync_group_size < 1:
+        raise ValueError(f"--scopes: {label!r} is not a scope; only dp and global take :N with "
+                         f"N a positive integer; {usage}")
+    if ranks % sync_group_size:
+        raise ValueError(f"--scopes: {label!r} syncs blocks of {sync_group_size} ranks, "
+                         f"which does not divide --ranks {ranks}; {usage}")
+    return sync_group_size
+
+
+def _micro_ratio(addition: str, name: str, aux_free: bool, label: str, usage: str) -> float:
+    """R of SCOPE+micro=R (DEFAULT_MICRO_RATIO for +micro): only beside a dp or global LBL."""
+    word, equals, ratio = addition.partition("=")
+    if word != "micro":
+        raise ValueError(f"--scopes: {label!r}: '+{addition}' is unknown; the only addition is "
+                         f"+micro or +micro=R; {usage}")
+    if aux_free:
+        raise ValueError(f"--scopes: {label!r}: +micro adds a micro-batch LBL, and auxfree- runs "
+                         f"have no LBL; drop +micro or auxfree-; {usage}")
+    if name not in DP_SYNC_SCOPES:
+        raise ValueError(f"--scopes: {label!r}: only dp and global (and dp:N, global:N) take "
+                         f"+micro: it adds a micro-batch LBL beside their LBL over several "
+                         f"micro-batches, which {name} does not have; use e.g. global+micro; "
+                         f"{usage}")
+    if not equals:
+        return DEFAULT_MICRO_RATIO
+    if not re.fullmatch(r"[0-9]*\.?[0-9]+", ratio) or float(ratio) == 0:
+        raise ValueError(f"--scopes: {label!r}: R in +micro=R must be a decimal number > 0 (the "
+                         f"micro-batch LBL's weight as a fraction of the {name} LBL's), e.g. "
+                         f"{name}+micro=0.1; {usage}")
+    return float(ratio)
+
+
+def _digits(text: str) -> Optional[int]:
+    """The value of a string of ASCII digits; None for anything else."""
+    return int(text) if re.fullmatch(r"[0-9]+", text) else None
+
+
+def check_settings(settings: DemoSettings) -> None:
+    """Reject what cannot show the effect, naming the flag, before any process starts."""
+    if settings.ranks < MIN_RANKS:
+        raise ValueError(
+            f"--ranks {settings.ranks}: the demo needs at least {MIN_RANKS} data-parallel ranks "
+            f"so that a global batch mixes several single-domain micro-batches; use --ranks "
+            f"{MIN_RANKS} or more (they are processes: CPU cores are shared)")
+    for flag, value in (("--steps", settings.steps), ("--microbatches", settings.microbatches),
+                        ("--micro-batch-size", settings.micro_batch_size),
+                        ("--seq-length", settings.seq_length),
+                        ("--eval-sequences", settings.eval_sequences)):
+        if value < 1:
+            raise ValueError(f"{flag} {value}: must be at least 1")
+
+
+def checkpoint_path(model_dir: str) -> str:
+    """The model file of a run directory the demo wrote (`--model` of `megatron-gbl analyze`)."""
+    path = os.path.join(model_dir, MODEL_FILE)
+    if not os.path.isfile(path):
+        raise ValueError(f"--model {model_dir}: no {MODEL_FILE} there; pass a scope directory "
+                         f"written by `megatron-gbl demo`, e.g. out/demo/global")
+    return path

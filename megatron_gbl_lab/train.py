@@ -1,0 +1,161 @@
+"""The demo's rank body: train one tiny Megatron-Core GPT-MoE per run on gloo ranks, evaluate it.
+
+Per step, each of R ranks runs M micro-batches through Megatron-Core's schedule
+(`get_forward_backward_func`) with the plugin at the run's scope, gradients are averaged over
+the ranks with one all-reduce, and Adam steps. Every micro-batch holds one domain and each
+global batch (R x M micro-batches) mixes domains: the setting of the paper's Sec. 2.2.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from megatron_gbl import metrics
+from megatron_gbl_lab import batches
+from megatron_gbl_lab import harness
+from megatron_gbl_lab.evaluate import evaluate
+from megatron_gbl_lab.model import build_model, save_model
+from megatron_gbl_lab.runs import DemoSettings, ScopeSpec
+
+
+# Training curves besides the LM loss, by the megatron_gbl.step_metrics value they record.
+CURVE_METRICS = {"micro_lbl": metrics.MICRO_LBL, "global_lbl": metrics.GLOBAL_LBL,
+                 "micro_load_violation": metrics.MICRO_LOAD_VIOLATION,
+                 "global_load_violation": metrics.GLOBAL_LOAD_VIOLATION}
+
+
+def train_scopes(rank: int, world_size: int, job: dict) -> dict:
+    """Rank body (spawned by harness.run_gloo): train and evaluate every scope in turn."""
+    harness.init_model_parallel()
+    return {spec.label: _train_and_evaluate(rank, world_size, spec, job)
+            for spec in job["scopes"]}
+
+
+def _train_and_evaluate(rank: int, world_size: int, spec: ScopeSpec, job: dict) -> dict:
+    import megatron_gbl
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    settings: DemoSettings = job["settings"]
+    corpus: batches.Corpus = job["corpus"]
+    model = build_model(spec.model_overrides(settings), settings.seq_length, settings.seed)
+    spec.enable_plugin(model, settings)
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: learning_rate_factor(step, settings.steps))
+    params = list(model.parameters())
+    slots = settings.ranks * settings.microbatches
+    recorded = curve_metrics(spec)
+    curves = {"loss": [], **{curve: [] for curve in recorded}}
+    step_seconds = []
+    progress = _progress(rank, job, spec, settings.steps)
+    for step in range(settings.steps):
+        started = time.perf_counter()
+        domains = batches.step_domains(settings.seed, step, slots, len(corpus.domains))
+        my_slots = [k * world_size + rank for k in range(settings.microbatches)]
+        windows = [_train_batch(corpus, settings, step, slot, domains[slot]) for slot in my_slots]
+        model.zero_grad(set_to_none=True)
+        losses = get_forward_backward_func()(
+            forward_step_func=_forward_step, data_iterator=iter(windows), model=model,
+            num_microbatches=settings.microbatches, seq_length=settings.seq_length,
+            micro_batch_size=settings.micro_batch_size, forward_only=False,
+        )
+        _average_gradients(params)
+        optimizer.step()
+        schedule.step()
+        values = megatron_gbl.step_metrics(model).values
+        # LM loss and micro-batch values differ per rank: average them like Megatron's logging
+        # (global-batch values are the same on every rank: averaged along, in one collective).
+        step_values = _dp_average({
+            "loss": torch.stack([entry["lm loss"] for entry in losses]).mean(),
+            **{curve: values[metric].mean() for curve, metric in recorded.items()}})
+        step_seconds.append(time.perf_counter() - started)
+        for curve, value in step_values.items():
+            curves[curve].append(value)
+        if progress is not None:
+            progress.set_postfix(loss=f"{step_values['loss']:.3f}", refresh=False)
+            progress.update()
+    if progress is not None:
+        progress.close()
+    balance = next(iter(megatron_gbl.balance_bsz(model).values()))
+    megatron_gbl.disable()
+    heldout = evaluate(model, corpus.valid, settings.eval_sequences, settings.seq_length,
+                       settings.micro_batch_size, corpus.domains)
+    model_dir = os.path.join(job["out_dir"], spec.dirname)
+    if rank == 0:
+        save_model(model_dir, model, settings, spec, corpus.domains)
+    return {
+        "method": spec.method, "scope": spec.scope,
+        "enable_arguments": spec.enable_arguments(settings), "model_dir": model_dir,
+        "balance_bsz": {"tokens": balance.tokens, "sequences": balance.sequences},
+        "seconds_per_step": sum(step_seconds) / len(step_seconds),
+        "train_curves": curves, **heldout,
+    }
+
+
+def curve_metrics(spec: ScopeSpec) -> dict:
+    """Training curve -> step_metrics name, for the values the run's routers have: the load
+    violations always, the micro/global-batch LBL only with an LBL (not aux-free)."""
+    present = metrics.names(has_lbl=not spec.aux_free, has_expert_bias=spec.aux_free)
+    return {curve: metric for curve, metric in CURVE_METRICS.items() if metric in present}
+
+
+def learning_rate_factor(step: int, steps: int) -> float:
+    """Warm-up then cosine decay to 10%: the end of training is not dominated by the noise
+    of a large learning rate, so scopes are compared near where they converge."""
+    warmup = max(1, steps // 20)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
+
+
+def _train_batch(corpus, settings: DemoSettings, step: int, slot: int, domain: int):
+    # Seeded by (seed, step, slot) only: every scope sees the same sequences in the same place.
+    generator = torch.Generator().manual_seed((settings.seed * 1_000_003 + step) * 65_537 + slot)
+    return batches.sample_windows(corpus.train[domain], settings.micro_batch_size,
+                                     settings.seq_length + 1, generator)
+
+
+def _forward_step(data_iterator, model):
+    windows = next(data_iterator)
+    tokens, labels = windows[:, :-1], windows[:, 1:]
+    position_ids = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+    output = model(tokens, position_ids, None, labels=labels)
+
+    def loss_func(token_losses):
+        loss = token_losses.float().mean()
+        # clone: the schedule divides `loss` in place by the number of micro-batches.
+        return loss, {"lm loss": loss.detach().clone()}
+
+    return output, loss_func
+
+
+def _average_gradients(params) -> None:
+    """Data-parallel gradient averaging (what DDP does), one flat all-reduce."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat, op=dist.ReduceOp.AVG)
+    for param, grad in zip(params, torch._utils._unflatten_dense_tensors(flat, grads)):
+        param.grad = grad
+
+
+def _dp_average(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    packed = torch.stack([value.double() for value in values.values()])
+    dist.all_reduce(packed, op=dist.ReduceOp.AVG)
+    return dict(zip(values, packed.tolist()))
+
+
+def _progress(rank: int, job: dict, spec: ScopeSpec, steps: int):
+    if rank != 0 or not job.get("progress", True):
+        return None
+    from tqdm import tqdm
+
+    position = [s.label for s in job["scopes"]].index(spec.label) + 1
+    return tqdm(total=steps, desc=f"[{position}/{len(job['scopes'])}] {spec.label}",
+                unit="step", file=sys.stderr, dynamic_ncols=True)

@@ -1,0 +1,63 @@
+# Virtual environments for the tests, the demo and the version matrix: one per megatron-core
+# release, each with torch 2.13.0 and this checkout installed editable. Sourced by
+# scripts/test.sh, scripts/demo.sh and scripts/test_versions.sh; the caller sets
+# `set -euo pipefail` and runs from the checkout's root.
+# shellcheck shell=bash disable=SC2034  # sets variables that the sourcing script reads
+
+NEWEST_MEGATRON_CORE=0.19.2
+# The newest patch release of every supported minor release, oldest first.
+SUPPORTED_MEGATRON_CORE=(0.12.3 0.13.1 0.14.0 0.15.3 0.16.1 0.17.1 0.18.2 0.19.2)
+TORCH_VERSION=2.13.0
+
+# The Python a megatron-core release is tested with (0.17 and later need Python >= 3.12): $PYTHON312 /
+# $PYTHON311 if set, else pythonX.Y if it runs, else pyenv's newest X.Y.
+python_for() {
+  local minor override candidate pyenv_root
+  case $1 in
+    0.1[2-6].*) minor=3.11 override=${PYTHON311:-} ;;
+    *) minor=3.12 override=${PYTHON312:-} ;;
+  esac
+  if [ -n "${override}" ]; then
+    echo "${override}"
+    return
+  fi
+  pyenv_root=$(pyenv root 2>/dev/null || echo "${HOME}/.pyenv")
+  for candidate in "python${minor}" \
+    $(printf '%s\n' "${pyenv_root}/versions/${minor}".*/bin/python | sort -V -r); do
+    if "${candidate}" -c "" 2>/dev/null; then
+      echo "${candidate}"
+      return
+    fi
+  done
+  echo "python${minor}"  # not found: ensure_venv says so
+}
+
+# ensure_venv DIR MEGATRON_CORE_VERSION EXTRAS: create DIR (once) and install what is missing.
+# A stamp of what was installed makes a second call with the same inputs return at once.
+ensure_venv() {
+  local dir=$1 version=$2 extras=$3 python stamp
+  python=$(python_for "${version}")
+  stamp="megatron-core==${version} torch==${TORCH_VERSION} .[${extras}] $(sha256sum pyproject.toml)"
+  if [ -f "${dir}/.installed" ] && [ "$(cat "${dir}/.installed")" = "${stamp}" ]; then
+    return
+  fi
+  "${python}" -c "" 2>/dev/null || {
+    echo "error: megatron-core ${version} is tested with ${python}, which does not run." \
+      "Install it (e.g. 'pyenv install 3.12'), point PYTHON312 / PYTHON311 at one, or pick" \
+      "another release with MEGATRON_CORE=<version> (0.12-0.16: Python 3.11)" >&2
+    exit 2
+  }
+  echo "--- setting up ${dir}: ${python}, megatron-core ${version}, torch ${TORCH_VERSION}" >&2
+  if [ -x "${dir}/bin/python" ] && [ "$("${dir}/bin/python" -c 'import sys; print(sys.version)')" \
+    != "$("${python}" -c 'import sys; print(sys.version)')" ]; then
+    echo "--- ${dir} was made with another Python: making it anew" >&2
+    rm -rf "${dir}"
+  fi
+  [ -x "${dir}/bin/python" ] || "${python}" -m venv "${dir}"
+  "${dir}/bin/python" -m pip install -q --upgrade pip
+  # torch first and pinned: on Python 3.11 here this is a CPU build from local disk; elsewhere
+  # (and on 3.12) the registry's default build, which also runs on CPU.
+  "${dir}/bin/python" -m pip install -q "torch==${TORCH_VERSION}"
+  "${dir}/bin/python" -m pip install -q "megatron-core==${version}" -e ".[${extras}]"
+  echo "${stamp}" >"${dir}/.installed"
+}

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Set everything up (once; later runs reuse it) and run the test suite:
+#   scripts/test.sh                  # the whole suite on the newest megatron-core (.venv)
+#   scripts/test.sh -k bias          # pytest arguments after the options
+#   scripts/test.sh --all-versions   # then the version-sensitive tests on every other
+#                                    # supported release (what CI runs, .ci/run)
+# MEGATRON_CORE=0.16.1 picks the release of .venv (0.12-0.16 use Python 3.11, 0.17+ 3.12);
+# PYTHON312 / PYTHON311 name the interpreters.
+# shellcheck source-path=SCRIPTDIR
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=lib/venv.sh
+. scripts/lib/venv.sh
+
+all_versions=0
+if [ "${1:-}" = --all-versions ]; then
+  all_versions=1
+  shift
+fi
+version=${MEGATRON_CORE:-${NEWEST_MEGATRON_CORE}}
+ensure_venv .venv "${version}" test
+.venv/bin/python -m pytest -q tests "$@"
+.venv/bin/megatron-gbl --help >/dev/null  # the console script is installed
+
+if [ "${all_versions}" = 1 ]; then
+  others=()
+  for release in "${SUPPORTED_MEGATRON_CORE[@]}"; do
+    [ "${release}" = "${version}" ] || others+=("${release}")
+  done
+  # Everything that touches Megatron-Core's router, schedules, tracker, expert bias and
+  # Megatron-LM's argument handling; left out: the demo, scripts, pure math and the catalog.
+  TESTS="${VERSION_SENSITIVE_TESTS:-tests/test_router_dist.py tests/test_model_dist.py
+         tests/test_megatron_lm.py tests/test_api.py tests/test_expert_bias.py
+         tests/test_ablations.py tests/test_reliability.py}" \
+    scripts/test_versions.sh "${others[@]}"
+fi
