@@ -28,7 +28,8 @@ def domain_streams(records: list[dict], domains: list[str]) -> list[torch.Tensor
             for tokens in corpus.domain_tokens(records, domains)]
 
 
-def build_corpus(train_records: list[dict], valid_records: list[dict], domains: list[str]) -> Corpus:
+def build_corpus(train_records: list[dict], valid_records: list[dict],
+                 domains: list[str]) -> Corpus:
     """Both splits' token streams of `domains` (checked by corpus.check_corpus)."""
     return Corpus(domains, domain_streams(train_records, domains),
                   domain_streams(valid_records, domains))

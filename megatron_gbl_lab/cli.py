@@ -13,7 +13,9 @@ import sys
 from typing import Optional, Sequence
 
 from megatron_gbl_lab import corpus
-from megatron_gbl_lab.runs import DemoSettings, check_settings, checkpoint_path, parse_scopes
+from megatron_gbl_lab.runs import (
+    DemoSettings, check_settings, checkpoint_path, parse_scopes, parse_seeds,
+)
 
 BUILTIN_DOMAINS = 4
 BUILTIN_TRAIN_DOCS = 1000   # per domain, about 250 KB of text each
@@ -62,8 +64,13 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=defaults.steps, help="(default: %(default)s)")
     demo.add_argument("--ranks", type=int, default=defaults.ranks,
                       help="data-parallel gloo processes, at least 4 (default: %(default)s)")
-    demo.add_argument("--seed", type=int, default=defaults.seed,
-                      help="initial weights and data order (default: %(default)s)")
+    seeds = demo.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, default=defaults.seed,
+                       help="initial weights and data order (default: %(default)s)")
+    seeds.add_argument("--seeds",
+                       help="comma-separated seeds: every run at every seed, summarised as mean "
+                            "± sd and paired differences against the first run with 95%% "
+                            "intervals, e.g. 0,1,2,3,4")
     demo.add_argument("--microbatches", type=int, default=defaults.microbatches,
                       help="micro-batches per rank per step (default: %(default)s)")
     demo.add_argument("--micro-batch-size", type=int, default=defaults.micro_batch_size,
@@ -102,8 +109,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _demo(args) -> int:
+    seeds = [args.seed] if args.seeds is None else parse_seeds(args.seeds)
     settings = DemoSettings(
-        steps=args.steps, ranks=args.ranks, seed=args.seed, microbatches=args.microbatches,
+        steps=args.steps, ranks=args.ranks, seed=seeds[0], microbatches=args.microbatches,
         micro_batch_size=args.micro_batch_size, seq_length=args.seq_length,
         eval_sequences=args.eval_sequences)
     check_settings(settings)
@@ -125,18 +133,22 @@ def _demo(args) -> int:
         # Written out so that `analyze` (and a re-run with --train-data) can use the same text.
         corpus.write_jsonl(os.path.join(args.out, "train.jsonl"), train)
         corpus.write_jsonl(os.path.join(args.out, "valid.jsonl"), valid)
-    print(f"megatron-gbl demo: {len(scopes)} scope(s) x {settings.steps} steps, {settings.ranks} "
+    print(f"megatron-gbl demo: {len(scopes)} run(s) x {len(seeds)} seed(s) x {settings.steps} "
+          f"steps, {settings.ranks} "
           f"gloo ranks x {settings.microbatches} micro-batches x {settings.micro_batch_size} "
           f"sequences of {settings.seq_length} bytes, domains: {', '.join(domains)}",
           file=sys.stderr)
     from megatron_gbl_lab import batches, demo, report
 
     data = batches.build_corpus(train, valid, domains)
-    results = demo.run_demo(settings, scopes, data, args.out, progress=not args.no_progress)
+    results = demo.run_demo(settings, scopes, seeds, data, args.out,
+                            progress=not args.no_progress)
     print(report.format_table(results))
+    models = [run["model_dir"] for per_seed in results["per_seed"].values()
+              for run in per_seed["scopes"].values()]
     print(f"\n{results['wall_seconds']:.0f} s. Results: {os.path.join(args.out, 'results.json')}; "
           f"figures: {', '.join(results['files'].values())}; models: "
-          f"{', '.join(run['model_dir'] for run in results['scopes'].values())}")
+          f"{', '.join(models) if len(models) <= 8 else os.path.join(args.out, 'seed*', '*')}")
     return 0
 
 

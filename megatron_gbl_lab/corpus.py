@@ -119,7 +119,8 @@ def domain_tokens(records: list[dict], domains: list[str]) -> list[list[int]]:
     return [tokens[domain] for domain in domains]
 
 
-def check_corpus(train_records: list[dict], valid_records: list[dict], min_tokens: int) -> list[str]:
+def check_corpus(train_records: list[dict], valid_records: list[dict],
+                 min_tokens: int) -> list[str]:
     """The domains of the training records, sorted, once the records can make a demo corpus:
     every domain has at least `min_tokens` tokens in both splits (one sequence plus its
     shifted label) and validation has the same domains as training."""

@@ -16,22 +16,31 @@ from megatron_gbl_lab import batches
 from megatron_gbl_lab import harness, plots
 from megatron_gbl_lab.evaluate import analyze_worker
 from megatron_gbl_lab.model import read_checkpoint
-from megatron_gbl_lab.report import write_json
+from megatron_gbl_lab.report import summarize, write_json
 from megatron_gbl_lab.runs import DemoSettings, ScopeSpec
 from megatron_gbl_lab.train import train_scopes
 
+RUN_TIMEOUT_S = 1800  # one run of one seed: 30 min, several times the default's on 2 cores
 
-def run_demo(settings: DemoSettings, scopes: list[ScopeSpec], corpus: batches.Corpus,
-             out_dir: str, progress: bool = True) -> dict:
-    """Train every scope on `settings.ranks` gloo processes; write results.json and the PNGs
-    into `out_dir` and each scope's model into `out_dir/<scope>`. Returns the results."""
+
+def run_demo(settings: DemoSettings, scopes: list[ScopeSpec], seeds: list[int],
+             corpus: batches.Corpus, out_dir: str, progress: bool = True) -> dict:
+    """Train every run at every seed on `settings.ranks` gloo processes; write results.json and
+    the PNGs into `out_dir` and each run's model into `runs.model_directory`. Returns the
+    results: `per_seed[seed]["scopes"][label]` (one run), its `summary` and `paired`
+    differences over the seeds (report.summarize)."""
     os.makedirs(out_dir, exist_ok=True)
     started = time.perf_counter()
-    job = {"settings": settings, "scopes": scopes, "corpus": corpus, "out_dir": out_dir,
-           "progress": progress}
-    runs = harness.run_gloo(train_scopes, settings.ranks, job, timeout_s=3600)[0]
-    results = {"settings": dataclasses.asdict(settings), "domains": corpus.domains,
-               "wall_seconds": time.perf_counter() - started, "scopes": runs}
+    job = {"settings": settings, "seeds": seeds, "scopes": scopes, "corpus": corpus,
+           "out_dir": out_dir, "progress": progress}
+    per_seed = harness.run_gloo(train_scopes, settings.ranks, job,
+                                timeout_s=RUN_TIMEOUT_S * len(seeds) * len(scopes))[0]
+    common = {name: value for name, value in dataclasses.asdict(settings).items()
+              if name != "seed"}
+    results = {"settings": common, "seeds": seeds, "domains": corpus.domains,
+               "wall_seconds": time.perf_counter() - started,
+               "per_seed": {str(seed): {"scopes": runs} for seed, runs in per_seed.items()}}
+    results.update(summarize(results["per_seed"], seeds))
     results["files"] = plots.demo_figures(results, out_dir)
     write_json(os.path.join(out_dir, "results.json"), results)
     return results
@@ -63,7 +72,8 @@ def analyze_model(model_dir: str, records: list[dict], out_dir: str, max_sequenc
     plots.topk_score_sums({label: routing["topk_score_sum"]}, domains,
                           routing["uniform_topk_score_sum"], os.path.join(out_dir, files["topk"]))
     plots.overlap_heatmaps(routing["high_frequency_overlap"], domains,
-                           routing["high_frequency_factor"], os.path.join(out_dir, files["overlap"]))
+                           routing["high_frequency_factor"],
+                           os.path.join(out_dir, files["overlap"]))
     result.update(model=model_dir, scope=label, domains=domains,
                   files={name: os.path.join(out_dir, file) for name, file in files.items()})
     write_json(os.path.join(out_dir, "analysis.json"), result)

@@ -21,9 +21,9 @@ def evaluate(model, valid_streams, max_sequences: int, seq_length: int, micro_ba
     """
     rank, world_size = dist.get_rank(), dist.get_world_size()
     microbatches = [(d, windows[i:i + micro_batch_size])
-               for d, stream in enumerate(valid_streams)
-               for windows in [batches.heldout_windows(stream, max_sequences, seq_length + 1)]
-               for i in range(0, len(windows), micro_batch_size)]
+                    for d, stream in enumerate(valid_streams)
+                    for windows in [batches.heldout_windows(stream, max_sequences, seq_length + 1)]
+                    for i in range(0, len(windows), micro_batch_size)]
     loss_sums = torch.zeros(len(domains), dtype=torch.float64)
     token_counts = torch.zeros(len(domains), dtype=torch.float64)
     model.eval()

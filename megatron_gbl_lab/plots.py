@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 import os
 
+from megatron_gbl_lab.report import METRICS
+
 
 def _pyplot():
     import matplotlib
@@ -62,11 +64,11 @@ def selection_heatmaps(frequency: dict, domains: list[str], uniform: float, path
 
 
 def training_curves(curves: dict, path: str) -> None:
-    """Fig. 3 style, moving averages per step, one colour per run: LM loss, the micro- and
-    global-batch LBL (runs with an LBL: aux-free runs have none) and the micro- and global-batch
-    load violation max_i c_i / mean_i c_i - 1 (every run). curves: run label -> per-step lists
-    "loss", "micro_load_violation", "global_load_violation", and with an LBL "micro_lbl",
-    "global_lbl"."""
+    """Fig. 3 style, moving averages per step, one colour per run (one line per seed): LM loss,
+    the micro- and global-batch LBL (runs with an LBL: aux-free runs have none) and the micro-
+    and global-batch load violation max_i c_i / mean_i c_i - 1 (every run). curves: run label ->
+    one dict per seed of per-step lists "loss", "micro_load_violation",
+    "global_load_violation", and with an LBL "micro_lbl", "global_lbl"."""
     plt = _pyplot()
     from matplotlib.lines import Line2D
 
@@ -74,20 +76,24 @@ def training_curves(curves: dict, path: str) -> None:
                                                         constrained_layout=True)
     batch_styles = (("global", "-", "global batch"), ("micro", "--", "micro-batch"))
     colors = _run_colors(len(curves))
-    for color, (label, curve) in zip(colors, curves.items()):
-        window = max(1, len(curve["loss"]) // 20)
-        loss_ax.plot(_moving_average(curve["loss"], window), color=color, label=label)
-        for ax, quantity in ((lbl_ax, "lbl"), (violation_ax, "load_violation")):
-            for batch, style, _ in batch_styles:
-                name = f"{batch}_{quantity}"
-                if name in curve:  # an LBL curve exists only for runs with an LBL
-                    ax.plot(_moving_average(curve[name], window), color=color, linestyle=style)
+    for color, (label, per_seed) in zip(colors, curves.items()):
+        width = 1.5 if len(per_seed) == 1 else 0.8
+        for index, curve in enumerate(per_seed):
+            window = max(1, len(curve["loss"]) // 20)
+            loss_ax.plot(_moving_average(curve["loss"], window), color=color, linewidth=width,
+                         label=label if index == 0 else None)
+            for ax, quantity in ((lbl_ax, "lbl"), (violation_ax, "load_violation")):
+                for batch, style, _ in batch_styles:
+                    name = f"{batch}_{quantity}"
+                    if name in curve:  # an LBL curve exists only for runs with an LBL
+                        ax.plot(_moving_average(curve[name], window), color=color,
+                                linestyle=style, linewidth=width)
     loss_ax.set(xlabel="step", ylabel="training LM loss (nats/byte)", yscale="log",
                 title="LM loss, moving average (log scale)")
     lbl_ax.axhline(1.0, color="gray", linestyle=":", linewidth=1)
     lbl_ax.set(xlabel="step", ylabel="LBL (1 = balanced)",
                title="load-balancing loss (eq. 2), runs with an LBL")
-    if not any("global_lbl" in curve for curve in curves.values()):
+    if not any("global_lbl" in per_seed[0] for per_seed in curves.values()):
         lbl_ax.text(0.5, 0.5, "no run has an LBL", transform=lbl_ax.transAxes, ha="center")
     violation_ax.set(xlabel="step", ylabel="max load / mean load - 1 (0 = balanced)",
                      title="expert load violation, every run")
@@ -177,17 +183,56 @@ def _moving_average(values: list, window: int) -> list:
 
 
 def demo_figures(results: dict, out_dir: str) -> dict:
-    """The demo's PNGs from its results: Fig. 1b heatmaps, training curves, Fig. 4a."""
-    runs = results["scopes"]
-    routing = {label: run["routing"] for label, run in runs.items()}
+    """The demo's PNGs from its results: Fig. 1b heatmaps and Fig. 4a of the first seed, every
+    seed's training curves, and with several seeds one point per seed of the summary's numbers."""
+    seeds = results["seeds"]
+    first_seed = results["per_seed"][str(seeds[0])]["scopes"]
+    routing = {label: run["routing"] for label, run in first_seed.items()}
     first = next(iter(routing.values()))
     files = {name: os.path.join(out_dir, file) for name, file in (
         ("heatmaps", "selection_heatmaps.png"), ("curves", "training_curves.png"),
         ("topk", "topk_score_sums.png"))}
-    selection_heatmaps({label: r["selection_frequency"] for label, r in routing.items()},
-                             results["domains"], first["uniform_frequency"], files["heatmaps"])
-    training_curves({label: run["train_curves"] for label, run in runs.items()},
-                          files["curves"])
-    topk_score_sums({label: r["topk_score_sum"] for label, r in routing.items()},
-                          results["domains"], first["uniform_topk_score_sum"], files["topk"])
+    seed_note = f" (seed {seeds[0]})" if len(seeds) > 1 else ""
+    selection_heatmaps({label + seed_note: r["selection_frequency"]
+                        for label, r in routing.items()},
+                       results["domains"], first["uniform_frequency"], files["heatmaps"])
+    training_curves({label: [results["per_seed"][str(seed)]["scopes"][label]["train_curves"]
+                             for seed in seeds]
+                     for label in first_seed}, files["curves"])
+    topk_score_sums({label + seed_note: r["topk_score_sum"] for label, r in routing.items()},
+                    results["domains"], first["uniform_topk_score_sum"], files["topk"])
+    if len(seeds) > 1:
+        files["seeds"] = os.path.join(out_dir, "seeds.png")
+        seed_points(results, SEED_POINT_METRICS, files["seeds"])
     return files
+
+
+# The summary's numbers drawn one point per seed (report.METRICS names).
+SEED_POINT_METRICS = ("heldout_loss_mean", "mi_bits", "micro_load_violation",
+                      "global_load_violation")
+
+
+def seed_points(results: dict, metric_names: tuple, path: str) -> None:
+    """One panel per metric: every run's value at every seed (a point; a faint line joins one
+    seed's runs, the pairing of the paired differences) and its mean over seeds (a bar)."""
+    plt = _pyplot()
+    metrics = [metric for metric in METRICS if metric.name in metric_names]
+    seeds = results["seeds"]
+    labels = list(results["summary"])
+    fig, axes = plt.subplots(1, len(metrics), squeeze=False, constrained_layout=True,
+                             figsize=(1.2 + (0.9 + 0.55 * len(labels)) * len(metrics), 4.0))
+    colors = _run_colors(len(seeds))
+    positions = range(len(labels))
+    for ax, metric in zip(axes[0], metrics):
+        for color, seed in zip(colors, seeds):
+            runs = results["per_seed"][str(seed)]["scopes"]
+            values = [metric.value(runs[label]) for label in labels]
+            ax.plot(positions, values, color=color, alpha=0.35, linewidth=0.8)
+            ax.scatter(positions, values, color=color, s=14, label=f"seed {seed}", zorder=3)
+        means = [results["summary"][label][metric.name]["mean"] for label in labels]
+        ax.scatter(positions, means, marker="_", s=400, color="black", zorder=4, label="mean")
+        ax.set_xticks(list(positions), labels, rotation=45, ha="right", fontsize=8)
+        ax.set_title(metric.title, fontsize=8)
+    axes[0][0].legend(fontsize=7)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,9 +1,12 @@
-"""The demo's results as text: the printed table and results.json."""
+"""The demo's results as text: the printed tables, results.json and its summary over seeds."""
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
+
+from megatron_gbl_lab import stats
 
 
 def write_json(path: str, data) -> None:
@@ -29,14 +32,19 @@ def final_mean(curve: list) -> float:
 
 
 def format_table(results: dict) -> str:
-    """One column per scope: the numbers the demo is about, as a Markdown table."""
-    runs = results["scopes"]
+    """The printed table: one seed's numbers per run (`format_seed_table`), or with several
+    seeds their summary and paired differences (`format_seeds_table`)."""
+    if len(results["seeds"]) == 1:
+        return format_seed_table(results, results["seeds"][0])
+    return format_seeds_table(results)
+
+
+def format_seed_table(results: dict, seed: int) -> str:
+    """One column per run: the numbers of one seed (METRICS and their per-domain parts), as a
+    Markdown table."""
+    runs = results["per_seed"][str(seed)]["scopes"]
     domains = results["domains"]
-    first = next(iter(runs.values()))["routing"]
-
-    def mean(values):
-        return sum(values) / len(values)
-
+    uniform = next(iter(runs.values()))["routing"]["uniform_frequency"]
     rows = [("balancing", [r["method"] for r in runs.values()]),
             ("Balance BSZ, sequences (tokens)",
              [f"{r['balance_bsz']['sequences']} ({r['balance_bsz']['tokens']})"
@@ -44,25 +52,129 @@ def format_table(results: dict) -> str:
     rows += [(f"held-out loss, {domain}",
               [f"{r['heldout_loss'][domain]:.4f}" for r in runs.values()])
              for domain in domains]
-    rows.append(("held-out loss, mean", [f"{r['heldout_loss_mean']:.4f}" for r in runs.values()]))
-    rows.append((f"MI(domain; expert), bits (max {math.log2(len(domains)):.2f})",
-                 [f"{mean(r['routing']['mutual_information_bits']):.3f}" for r in runs.values()]))
-    rows += [(f"top-expert frequency, {domain} (uniform {first['uniform_frequency']:.3g})",
-              [f"{mean([layer[d] for layer in r['routing']['top_expert_frequency']]):.3f}"
+    rows += [(f"top-expert frequency, {domain} (uniform {uniform:.3g})",
+              [f"{_mean([layer[d] for layer in r['routing']['top_expert_frequency']]):.3f}"
                for r in runs.values()])
              for d, domain in enumerate(domains)]
-    rows.append(("LBL micro-batch, held-out (1 = balanced)",
-                 [f"{mean(r['routing']['micro_lbl']):.3f}" for r in runs.values()]))
-    rows.append(("LBL global-batch, held-out",
-                 [f"{mean(r['routing']['global_lbl']):.3f}" for r in runs.values()]))
-    rows += [(f"load violation, {batch}, training, last 10%{note}",
-              [f"{final_mean(r['train_curves'][curve]):.3f}" for r in runs.values()])
-             for batch, curve, note in (("micro-batch", "micro_load_violation", " (0 = balanced)"),
-                                        ("global batch", "global_load_violation", ""))]
-    rows.append(("seconds per step", [f"{r['seconds_per_step']:.3f}" for r in runs.values()]))
-    header = ["", *runs]
+    rows += [(metric.title, [f"{metric.value(r):.{metric.digits}f}" for r in runs.values()])
+             for metric in METRICS]
+    return _markdown(list(runs), rows)
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A number per run that the summary over seeds reports: how to read it from a run's
+    results, and which direction counts as a win in a paired comparison."""
+
+    name: str
+    title: str
+    digits: int
+    lower_is_better: bool
+
+    def value(self, run: dict) -> float:
+        return METRIC_VALUES[self.name](run)
+
+
+def _mean(values) -> float:
+    return sum(values) / len(values)
+
+
+METRIC_VALUES = {
+    "heldout_loss_mean": lambda run: run["heldout_loss_mean"],
+    "mi_bits": lambda run: _mean(run["routing"]["mutual_information_bits"]),
+    "top_expert_frequency": lambda run: _mean(
+        [_mean(layer) for layer in run["routing"]["top_expert_frequency"]]),
+    "micro_lbl": lambda run: _mean(run["routing"]["micro_lbl"]),
+    "global_lbl": lambda run: _mean(run["routing"]["global_lbl"]),
+    "micro_load_violation": lambda run: final_mean(run["train_curves"]["micro_load_violation"]),
+    "global_load_violation": lambda run: final_mean(run["train_curves"]["global_load_violation"]),
+    "seconds_per_step": lambda run: run["seconds_per_step"],
+}
+METRICS = (
+    Metric("heldout_loss_mean", "held-out loss, mean of domains (nats/byte)", 4, True),
+    Metric("mi_bits", "MI(domain; expert), bits, mean of layers (max: log2 domains)", 3, False),
+    Metric("top_expert_frequency", "top-expert frequency, mean of domains and layers", 3, False),
+    Metric("micro_lbl", "LBL micro-batch, held-out (1 = balanced)", 3, True),
+    Metric("global_lbl", "LBL global-batch, held-out", 3, True),
+    Metric("micro_load_violation", "load violation, micro-batch, training, last 10%", 3, True),
+    Metric("global_load_violation", "load violation, global batch, training, last 10%", 3, True),
+    Metric("seconds_per_step", "seconds per step", 3, True),
+)
+
+
+def summarize(per_seed: dict, seeds: list[int]) -> dict:
+    """results.json's `summary` and `paired` from `per_seed` (see README, "Seeds"):
+
+        summary[label][metric] = {mean, sd, n}                     over the seeds
+        paired[label][metric]  = {mean_diff, ci95, wins, n}        label minus the first label,
+                                                                   seed by seed (stats.py)
+
+    Every metric of METRICS; `paired` has every label but the first.
+    """
+    labels = list(per_seed[str(seeds[0])]["scopes"])
+    values = {label: {metric.name: [metric.value(per_seed[str(seed)]["scopes"][label])
+                                    for seed in seeds]
+                      for metric in METRICS}
+              for label in labels}
+    summary = {}
+    for label in labels:
+        summary[label] = {}
+        for metric in METRICS:
+            mean, sd = stats.mean_and_sd(values[label][metric.name])
+            summary[label][metric.name] = {"mean": mean, "sd": sd, "n": len(seeds)}
+    first = labels[0]
+    paired = {label: {metric.name: stats.paired_difference(
+                          values[label][metric.name], values[first][metric.name],
+                          metric.lower_is_better)
+                      for metric in METRICS}
+              for label in labels[1:]}
+    return {"summary": summary, "paired": paired}
+
+
+def format_seeds_table(results: dict) -> str:
+    """Per metric, mean ± sd over the seeds of every run, and each run's paired difference
+    against the first run with its 95% interval and the seeds it wins."""
+    seeds = results["seeds"]
+    labels = list(results["summary"])
+    first = labels[0]
+    methods = results["per_seed"][str(seeds[0])]["scopes"]
+    rows = [("balancing", [methods[label]["method"] for label in labels])]
+    for metric in METRICS:
+        digits = metric.digits
+        rows.append((metric.title, [
+            _mean_sd(results["summary"][label][metric.name], digits) for label in labels]))
+        if metric.name == "seconds_per_step":
+            continue
+        direction = "lower" if metric.lower_is_better else "higher"
+        rows.append((f"  Δ vs {first}, 95% CI, seeds {direction}", ["—"] + [
+            _paired_cell(results["paired"][label][metric.name], digits, direction)
+            for label in labels[1:]]))
+    note = (f"Seeds {', '.join(map(str, seeds))} (n = {len(seeds)}): mean ± sd over seeds. Δ: "
+            f"the run minus {first} at the same seed (same initial weights and data order), "
+            "mean with its 95% Student-t interval, and in how many seeds the run is lower / "
+            "higher; 'resolved': the interval excludes 0.")
+    return note + "\n\n" + _markdown(labels, rows)
+
+
+def _mean_sd(entry: dict, digits: int) -> str:
+    if entry["sd"] is None:
+        return f"{entry['mean']:.{digits}f}"
+    return f"{entry['mean']:.{digits}f} ± {entry['sd']:.{digits}f}"
+
+
+def _paired_cell(entry: dict, digits: int, direction: str) -> str:
+    text = f"{entry['mean_diff']:+.{digits}f}"
+    if entry["ci95"] is not None:
+        low, high = entry["ci95"]
+        text += f" [{low:+.{digits}f}, {high:+.{digits}f}]"
+    text += f" {direction} {entry['wins']}/{entry['n']}"
+    return text + (", resolved" if stats.resolved(entry) else "")
+
+
+def _markdown(labels: list[str], rows: list[tuple[str, list[str]]]) -> str:
+    header = ["", *labels]
     widths = [max(len(row[0]) for row in rows)] + [
-        max(len(label), *(len(row[1][i]) for row in rows)) for i, label in enumerate(runs)]
+        max(len(label), *(len(row[1][i]) for row in rows)) for i, label in enumerate(labels)]
     lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |",
              "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     for name, values in rows:

@@ -17,6 +17,8 @@ from megatron_gbl.scopes import BIAS_SCOPES, DP_SYNC_SCOPES, SCOPES
 
 MIN_RANKS = 4
 MODEL_FILE = "model.pt"  # in each run's directory (ScopeSpec.dirname)
+
+
 @dataclass(frozen=True)
 class DemoSettings:
     """Everything one demo run depends on (saved in results.json and with every model)."""
@@ -36,16 +38,17 @@ class DemoSettings:
     seed: int = 0
     eval_sequences: int = 128    # held-out sequences per domain
 
-    def model_overrides(self, aux_free: bool = False) -> dict:
+    def model_overrides(self, aux_free: bool = False, bias_rate_factor: float = 1.0) -> dict:
         """harness.moe_config keyword arguments of the demo model (saved with it).
 
         LBL runs: softmax gating and the aux_loss LBL. `aux_free`: sigmoid gating with expert
-        bias and no LBL (auxiliary-loss-free balancing, Wang et al. 2024). Both have the same
-        parameters, so the same seed gives them the same initial weights.
+        bias (rate expert_bias_update_rate x bias_rate_factor) and no LBL (auxiliary-loss-free
+        balancing, Wang et al. 2024). Both have the same parameters, so the same seed gives them
+        the same initial weights.
         """
         balancing = (
             dict(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
-                 moe_router_bias_update_rate=self.expert_bias_update_rate,
+                 moe_router_bias_update_rate=self.expert_bias_update_rate * bias_rate_factor,
                  moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0)
             if aux_free else
             dict(moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=self.aux_loss_coeff))
@@ -59,6 +62,8 @@ class DemoSettings:
 AUX_FREE_PREFIX = "auxfree-"
 SWITCH_WORD = "-then-"
 DEFAULT_MICRO_RATIO = 0.01  # paper Tab. 5: the micro-batch LBL at 1% of the main LBL's weight
+
+
 @dataclass(frozen=True)
 class ScopeSpec:
     """One run of the demo: `label` as the user wrote it, the model and plugin arguments it
@@ -69,6 +74,9 @@ class ScopeSpec:
         the demo's aux_loss_coeff (0: none).
     switch_scope, switch_step: `switch_scope` takes over at training step `switch_step`
         (0-based: after that many steps at `scope`).
+    matched_updates: aux-free at micro or dp: the bias rate divided by the micro-batches per
+        step, so that its once-per-micro-batch updates move the bias at most as far per step
+        as global's one update (the matched comparison isolates the scope of the load).
     """
 
     label: str = field(compare=False)
@@ -78,6 +86,7 @@ class ScopeSpec:
     micro_ratio: float = 0.0
     switch_scope: Optional[str] = None
     switch_step: Optional[int] = None
+    matched_updates: bool = False
 
     @property
     def dirname(self) -> str:
@@ -88,7 +97,7 @@ class ScopeSpec:
     def method(self) -> str:
         """The balancing method in words, e.g. "LBL + 1% micro", "aux-free, micro→global@250"."""
         if self.aux_free:
-            method = "aux-free"
+            method = "aux-free, rate u/M" if self.matched_updates else "aux-free"
         elif self.scope == "shuffle" and self.switch_scope is None:
             method = "shuffle LBL"
         else:
@@ -100,7 +109,8 @@ class ScopeSpec:
         return method
 
     def model_overrides(self, settings: DemoSettings) -> dict:
-        return settings.model_overrides(self.aux_free)
+        bias_rate_factor = 1 / settings.microbatches if self.matched_updates else 1.0
+        return settings.model_overrides(self.aux_free, bias_rate_factor)
 
     def enable_arguments(self, settings: DemoSettings) -> dict:
         """megatron_gbl.enable's keyword arguments besides the scope and the model."""
@@ -121,7 +131,9 @@ def scopes_usage(ranks: int) -> str:
         "use a comma-separated list of runs, each one of: micro, seq, dp, global, shuffle, dp:N, "
         f"global:N (LBL scopes; N ranks per balance block, dividing --ranks {ranks}); "
         "auxfree-micro, auxfree-dp, auxfree-global, auxfree-dp:N, auxfree-global:N "
-        "(auxiliary-loss-free balancing at that scope, no LBL); dp, global, dp:N or global:N "
+        "(auxiliary-loss-free balancing at that scope, no LBL); auxfree-micro+matched, "
+        "auxfree-dp+matched, auxfree-dp:N+matched (the bias rate divided by --microbatches: "
+        "per step, as far as auxfree-global's one update); dp, global, dp:N or global:N "
         "followed by +micro or +micro=R (plus a micro-batch LBL at R times the LBL weight, "
         f"default {DEFAULT_MICRO_RATIO:g}); A-then-B@S (A for the first S steps, 1 <= S < "
         "--steps, then B; both LBL runs or both auxfree-), e.g. --scopes "
@@ -172,6 +184,9 @@ def _switch(first: ScopeSpec, then: ScopeSpec, switch_step: int, label: str,
             "different routers; make both halves LBL scopes or both auxfree- scopes, e.g. "
             f"micro-then-global@{switch_step} or auxfree-micro-then-auxfree-global@{switch_step}; "
             f"{usage}")
+    if first.matched_updates or then.matched_updates:
+        raise ValueError(f"--scopes: {label!r}: +matched sets the model's bias rate, which one "
+                         f"run cannot change half-way; drop +matched from the switch; {usage}")
     if first.scope == then.scope:
         raise ValueError(f"--scopes: {label!r} switches from {first.scope} to {then.scope}; "
                          f"switch to another scope, or drop the switch; {usage}")
@@ -186,7 +201,8 @@ def _switch(first: ScopeSpec, then: ScopeSpec, switch_step: int, label: str,
 
 
 def _parse_phase(text: str, label: str, ranks: int, usage: str) -> ScopeSpec:
-    """[auxfree-]SCOPE[:N][+micro[=R]], the whole run `label` or one half of its switch."""
+    """[auxfree-]SCOPE[:N][+micro[=R] | +matched], the whole run `label` or one half of its
+    switch."""
     base, plus, addition = text.partition("+")
     aux_free = base.startswith(AUX_FREE_PREFIX)
     name, colon, size = base.removeprefix(AUX_FREE_PREFIX).partition(":")
@@ -199,6 +215,13 @@ def _parse_phase(text: str, label: str, ranks: int, usage: str) -> ScopeSpec:
             f"load at its scope, which {name} does not count; use auxfree-micro, auxfree-dp or "
             f"auxfree-global; {usage}")
     sync_group_size = _sync_group_size(size, name, label, ranks, usage) if colon else None
+    if addition == "matched":
+        if not aux_free or name == "global":
+            raise ValueError(
+                f"--scopes: {label!r}: +matched divides the expert-bias rate of an aux-free run "
+                f"that updates every micro-batch; use auxfree-micro+matched or "
+                f"auxfree-dp+matched; {usage}")
+        return ScopeSpec(label, name, sync_group_size, aux_free, matched_updates=True)
     micro_ratio = _micro_ratio(addition, name, aux_free, label, usage) if plus else 0.0
     return ScopeSpec(label, name, sync_group_size, aux_free, micro_ratio)
 
@@ -219,8 +242,8 @@ def _micro_ratio(addition: str, name: str, aux_free: bool, label: str, usage: st
     """R of SCOPE+micro=R (DEFAULT_MICRO_RATIO for +micro): only beside a dp or global LBL."""
     word, equals, ratio = addition.partition("=")
     if word != "micro":
-        raise ValueError(f"--scopes: {label!r}: '+{addition}' is unknown; the only addition is "
-                         f"+micro or +micro=R; {usage}")
+        raise ValueError(f"--scopes: {label!r}: '+{addition}' is unknown; the additions are "
+                         f"+micro, +micro=R and +matched; {usage}")
     if aux_free:
         raise ValueError(f"--scopes: {label!r}: +micro adds a micro-batch LBL, and auxfree- runs "
                          f"have no LBL; drop +micro or auxfree-; {usage}")
@@ -236,6 +259,18 @@ def _micro_ratio(addition: str, name: str, aux_free: bool, label: str, usage: st
                          f"micro-batch LBL's weight as a fraction of the {name} LBL's), e.g. "
                          f"{name}+micro=0.1; {usage}")
     return float(ratio)
+
+
+def parse_seeds(text: str) -> list[int]:
+    """`--seeds 0,1,2` -> [0, 1, 2]: distinct integers >= 0, in the order given."""
+    seeds = [_digits(part.strip()) for part in text.split(",")]
+    if None in seeds:
+        raise ValueError(f"--seeds {text!r}: give a comma-separated list of integers >= 0, e.g. "
+                         "--seeds 0,1,2,3,4")
+    if len(set(seeds)) < len(seeds):
+        raise ValueError(f"--seeds {text!r} names a seed twice; each seed is one repetition of "
+                         "every run, drop the repeat")
+    return seeds
 
 
 def _digits(text: str) -> Optional[int]:
@@ -256,6 +291,13 @@ def check_settings(settings: DemoSettings) -> None:
                         ("--eval-sequences", settings.eval_sequences)):
         if value < 1:
             raise ValueError(f"{flag} {value}: must be at least 1")
+
+
+def model_directory(out_dir: str, spec: ScopeSpec, seed: int, num_seeds: int) -> str:
+    """Where a run's model is saved: OUT/<run>, or OUT/seed<seed>/<run> with several seeds."""
+    if num_seeds == 1:
+        return os.path.join(out_dir, spec.dirname)
+    return os.path.join(out_dir, f"seed{seed}", spec.dirname)
 
 
 def checkpoint_path(model_dir: str) -> str:

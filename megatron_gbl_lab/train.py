@@ -8,8 +8,8 @@ global batch (R x M micro-batches) mixes domains: the setting of the paper's Sec
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import os
 import sys
 import time
 
@@ -21,7 +21,7 @@ from megatron_gbl_lab import batches
 from megatron_gbl_lab import harness
 from megatron_gbl_lab.evaluate import evaluate
 from megatron_gbl_lab.model import build_model, save_model
-from megatron_gbl_lab.runs import DemoSettings, ScopeSpec
+from megatron_gbl_lab.runs import DemoSettings, ScopeSpec, model_directory
 
 
 # Training curves besides the LM loss, by the megatron_gbl.step_metrics value they record.
@@ -31,17 +31,20 @@ CURVE_METRICS = {"micro_lbl": metrics.MICRO_LBL, "global_lbl": metrics.GLOBAL_LB
 
 
 def train_scopes(rank: int, world_size: int, job: dict) -> dict:
-    """Rank body (spawned by harness.run_gloo): train and evaluate every scope in turn."""
+    """Rank body (spawned by harness.run_gloo): train and evaluate every scope at every seed,
+    seed by seed. Returns {seed: {label: run}}."""
     harness.init_model_parallel()
-    return {spec.label: _train_and_evaluate(rank, world_size, spec, job)
-            for spec in job["scopes"]}
+    return {seed: {spec.label: _train_and_evaluate(rank, world_size, spec, seed, job)
+                   for spec in job["scopes"]}
+            for seed in job["seeds"]}
 
 
-def _train_and_evaluate(rank: int, world_size: int, spec: ScopeSpec, job: dict) -> dict:
+def _train_and_evaluate(rank: int, world_size: int, spec: ScopeSpec, seed: int,
+                        job: dict) -> dict:
     import megatron_gbl
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    settings: DemoSettings = job["settings"]
+    settings: DemoSettings = dataclasses.replace(job["settings"], seed=seed)
     corpus: batches.Corpus = job["corpus"]
     model = build_model(spec.model_overrides(settings), settings.seq_length, settings.seed)
     spec.enable_plugin(model, settings)
@@ -53,7 +56,7 @@ def _train_and_evaluate(rank: int, world_size: int, spec: ScopeSpec, job: dict) 
     recorded = curve_metrics(spec)
     curves = {"loss": [], **{curve: [] for curve in recorded}}
     step_seconds = []
-    progress = _progress(rank, job, spec, settings.steps)
+    progress = _progress(rank, job, spec, seed, settings.steps)
     for step in range(settings.steps):
         started = time.perf_counter()
         domains = batches.step_domains(settings.seed, step, slots, len(corpus.domains))
@@ -86,7 +89,7 @@ def _train_and_evaluate(rank: int, world_size: int, spec: ScopeSpec, job: dict) 
     megatron_gbl.disable()
     heldout = evaluate(model, corpus.valid, settings.eval_sequences, settings.seq_length,
                        settings.micro_batch_size, corpus.domains)
-    model_dir = os.path.join(job["out_dir"], spec.dirname)
+    model_dir = model_directory(job["out_dir"], spec, seed, len(job["seeds"]))
     if rank == 0:
         save_model(model_dir, model, settings, spec, corpus.domains)
     return {
@@ -119,7 +122,7 @@ def _train_batch(corpus, settings: DemoSettings, step: int, slot: int, domain: i
     # Seeded by (seed, step, slot) only: every scope sees the same sequences in the same place.
     generator = torch.Generator().manual_seed((settings.seed * 1_000_003 + step) * 65_537 + slot)
     return batches.sample_windows(corpus.train[domain], settings.micro_batch_size,
-                                     settings.seq_length + 1, generator)
+                                  settings.seq_length + 1, generator)
 
 
 def _forward_step(data_iterator, model):
@@ -151,11 +154,13 @@ def _dp_average(values: dict[str, torch.Tensor]) -> dict[str, float]:
     return dict(zip(values, packed.tolist()))
 
 
-def _progress(rank: int, job: dict, spec: ScopeSpec, steps: int):
+def _progress(rank: int, job: dict, spec: ScopeSpec, seed: int, steps: int):
     if rank != 0 or not job.get("progress", True):
         return None
     from tqdm import tqdm
 
-    position = [s.label for s in job["scopes"]].index(spec.label) + 1
-    return tqdm(total=steps, desc=f"[{position}/{len(job['scopes'])}] {spec.label}",
+    runs = [(s, other.label) for s in job["seeds"] for other in job["scopes"]]
+    position = runs.index((seed, spec.label)) + 1
+    seed_text = f" seed {seed}" if len(job["seeds"]) > 1 else ""
+    return tqdm(total=steps, desc=f"[{position}/{len(runs)}] {spec.label}{seed_text}",
                 unit="step", file=sys.stderr, dynamic_ncols=True)

@@ -26,8 +26,9 @@ BALANCE_SEQUENCES = {
     "global": GLOBAL_BATCH, "auxfree-micro": MICRO_BATCH_SIZE, "auxfree-dp:2": 2 * MICRO_BATCH_SIZE,
     "auxfree-global": GLOBAL_BATCH, "shuffle": MICRO_BATCH_SIZE, "global+micro": GLOBAL_BATCH,
     "micro-then-global@2": GLOBAL_BATCH,  # micro for 2 of the 3 steps, then global
+    "auxfree-micro+matched": MICRO_BATCH_SIZE,
 }
-AUX_FREE_RUNS = ("auxfree-micro", "auxfree-dp:2", "auxfree-global")
+AUX_FREE_RUNS = ("auxfree-micro", "auxfree-dp:2", "auxfree-global", "auxfree-micro+matched")
 
 
 def test_demo_then_analyze(tmp_path, capsys):
@@ -43,13 +44,18 @@ def test_demo_then_analyze(tmp_path, capsys):
     with open(out / "results.json") as f:
         results = json.load(f)
     domains = results["domains"]
-    assert len(domains) == 4 and results["settings"]["steps"] == 3
-    runs = results["scopes"]
+    assert len(domains) == 4 and results["settings"]["steps"] == 3 and results["seeds"] == [0]
+    runs = results["per_seed"]["0"]["scopes"]
     assert list(runs) == list(BALANCE_SEQUENCES)
     assert {label: run["balance_bsz"]["sequences"] for label, run in runs.items()} == \
         BALANCE_SEQUENCES
     assert [runs[label]["method"] for label in ("global", "auxfree-global", "shuffle")] == [
         "LBL", "aux-free", "shuffle LBL"]
+    # The matched aux-free run updates every micro-batch at u / micro-batches per step.
+    rates = {label: torch.load(os.path.join(runs[label]["model_dir"], "model.pt"),
+                               weights_only=False)["model_overrides"]["moe_router_bias_update_rate"]
+             for label in ("auxfree-micro", "auxfree-micro+matched")}
+    assert rates["auxfree-micro+matched"] == pytest.approx(rates["auxfree-micro"] / MICROBATCHES)
     # Same initial weights and the same first global batch: the same first loss for every LBL
     # run. (Aux-free runs differ in gating, and at micro/dp scope the expert bias changes
     # between the first step's micro-batches: see the next test for their weights.)
@@ -132,3 +138,48 @@ def test_lbl_and_aux_free_models_start_from_the_same_weights():
     assert list(lbl) == list(aux_free)
     for name, value in lbl.items():
         assert torch.equal(value, aux_free[name]), name
+
+
+def test_seeds_summary_recomputed_from_per_seed(tmp_path, capsys):
+    out = tmp_path / "seeds"
+    seeds = [3, 1, 4]
+    assert cli.main(["demo", "--scopes", "micro,global", "--seeds", ",".join(map(str, seeds)),
+                     "--steps", "2", "--ranks", str(RANKS), "--microbatches", "1",
+                     "--micro-batch-size", "2", "--seq-length", str(SEQ),
+                     "--eval-sequences", "2", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "Δ vs micro, 95% CI" in printed and "mean ± sd over seeds" in printed
+    with open(out / "results.json") as f:
+        results = json.load(f)
+    assert results["seeds"] == seeds and "seed" not in results["settings"]
+    assert set(results["per_seed"]) == {"3", "1", "4"}
+    # Independently of report.py: mean, sample sd, and the t interval with n - 1 = 2 degrees of
+    # freedom, whose 0.975 quantile has the closed form 0.95 * sqrt(2 / (1 - 0.95^2)).
+    t_975 = 0.95 * math.sqrt(2 / (1 - 0.95 ** 2))
+    values = {
+        "heldout_loss_mean": lambda run: run["heldout_loss_mean"],
+        "mi_bits": lambda run: sum(run["routing"]["mutual_information_bits"])
+        / len(run["routing"]["mutual_information_bits"]),
+    }
+    for name, value in values.items():
+        per_label = {label: [value(results["per_seed"][str(seed)]["scopes"][label])
+                             for seed in seeds] for label in ("micro", "global")}
+        for label, xs in per_label.items():
+            mean = sum(xs) / 3
+            sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / 2)
+            assert results["summary"][label][name] == pytest.approx(
+                {"mean": mean, "sd": sd, "n": 3}, rel=1e-12)
+        differences = [g - m for g, m in zip(per_label["global"], per_label["micro"])]
+        mean = sum(differences) / 3
+        half = t_975 * math.sqrt(sum((d - mean) ** 2 for d in differences) / 2) / math.sqrt(3)
+        wins = sum(d < 0 if name == "heldout_loss_mean" else d > 0 for d in differences)
+        paired = results["paired"]["global"][name]
+        assert paired["mean_diff"] == pytest.approx(mean, rel=1e-12)
+        assert paired["ci95"] == pytest.approx([mean - half, mean + half], rel=1e-9)
+        assert (paired["wins"], paired["n"]) == (wins, 3)
+    assert "micro" not in results["paired"]
+    # Every seed's model, and one point per seed in the seeds figure.
+    for seed in seeds:
+        assert (out / f"seed{seed}" / "global" / "model.pt").is_file()
+    assert_png(results["files"]["seeds"])
+
