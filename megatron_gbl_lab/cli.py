@@ -79,6 +79,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="bytes per sequence (default: %(default)s)")
     demo.add_argument("--eval-sequences", type=int, default=defaults.eval_sequences,
                       help="held-out sequences per domain (default: %(default)s)")
+    demo.add_argument("--eval-checkpoints", type=int, default=defaults.eval_checkpoints,
+                      help="held-out loss: the mean over this many last checkpoints, 5%% of "
+                           "training apart (default: %(default)s)")
     demo.add_argument("--train-data", help="JSONL with a text and a domain field per line "
                                            "(default: the built-in synthetic corpus)")
     demo.add_argument("--valid-data", help="held-out JSONL, same domains as --train-data")
@@ -113,7 +116,7 @@ def _demo(args) -> int:
     settings = DemoSettings(
         steps=args.steps, ranks=args.ranks, seed=seeds[0], microbatches=args.microbatches,
         micro_batch_size=args.micro_batch_size, seq_length=args.seq_length,
-        eval_sequences=args.eval_sequences)
+        eval_sequences=args.eval_sequences, eval_checkpoints=args.eval_checkpoints)
     check_settings(settings)
     scopes = parse_scopes(args.scopes, settings)
     if (args.train_data is None) != (args.valid_data is None):

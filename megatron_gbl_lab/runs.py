@@ -37,6 +37,7 @@ class DemoSettings:
     lr: float = 3e-3             # peak: linear warm-up over 5% of the steps, cosine to 10%
     seed: int = 0
     eval_sequences: int = 128    # held-out sequences per domain
+    eval_checkpoints: int = 3    # held-out loss: the mean over this many last checkpoints
 
     def model_overrides(self, aux_free: bool = False, bias_rate_factor: float = 1.0) -> dict:
         """harness.moe_config keyword arguments of the demo model (saved with it).
@@ -288,7 +289,8 @@ def check_settings(settings: DemoSettings) -> None:
     for flag, value in (("--steps", settings.steps), ("--microbatches", settings.microbatches),
                         ("--micro-batch-size", settings.micro_batch_size),
                         ("--seq-length", settings.seq_length),
-                        ("--eval-sequences", settings.eval_sequences)):
+                        ("--eval-sequences", settings.eval_sequences),
+                        ("--eval-checkpoints", settings.eval_checkpoints)):
         if value < 1:
             raise ValueError(f"{flag} {value}: must be at least 1")
 

@@ -56,6 +56,8 @@ def _train_and_evaluate(rank: int, world_size: int, spec: ScopeSpec, seed: int,
     recorded = curve_metrics(spec)
     curves = {"loss": [], **{curve: [] for curve in recorded}}
     step_seconds = []
+    checkpoints = evaluation_steps(settings.steps, settings.eval_checkpoints)
+    heldout = []
     progress = _progress(rank, job, spec, seed, settings.steps)
     for step in range(settings.steps):
         started = time.perf_counter()
@@ -80,6 +82,11 @@ def _train_and_evaluate(rank: int, world_size: int, spec: ScopeSpec, seed: int,
         step_seconds.append(time.perf_counter() - started)
         for curve, value in step_values.items():
             curves[curve].append(value)
+        if step + 1 in checkpoints[:-1]:  # the last one after training, with routing
+            heldout.append(dict(evaluate(model, corpus.valid, settings.eval_sequences,
+                                         settings.seq_length, settings.micro_batch_size,
+                                         corpus.domains, routing=False), step=step + 1))
+            model.train()
         if progress is not None:
             progress.set_postfix(loss=f"{step_values['loss']:.3f}", refresh=False)
             progress.update()
@@ -87,8 +94,9 @@ def _train_and_evaluate(rank: int, world_size: int, spec: ScopeSpec, seed: int,
         progress.close()
     balance = next(iter(megatron_gbl.balance_bsz(model).values()))
     megatron_gbl.disable()
-    heldout = evaluate(model, corpus.valid, settings.eval_sequences, settings.seq_length,
-                       settings.micro_batch_size, corpus.domains)
+    final = evaluate(model, corpus.valid, settings.eval_sequences, settings.seq_length,
+                     settings.micro_batch_size, corpus.domains)
+    heldout.append(dict(final, step=settings.steps))
     model_dir = model_directory(job["out_dir"], spec, seed, len(job["seeds"]))
     if rank == 0:
         save_model(model_dir, model, settings, spec, corpus.domains)
@@ -97,8 +105,27 @@ def _train_and_evaluate(rank: int, world_size: int, spec: ScopeSpec, seed: int,
         "enable_arguments": spec.enable_arguments(settings), "model_dir": model_dir,
         "balance_bsz": {"tokens": balance.tokens, "sequences": balance.sequences},
         "seconds_per_step": sum(step_seconds) / len(step_seconds),
-        "train_curves": curves, **heldout,
+        "train_curves": curves, "routing": final["routing"],
+        **checkpoint_average(heldout, corpus.domains),
     }
+
+
+def evaluation_steps(steps: int, checkpoints: int) -> list[int]:
+    """The steps after which the held-out loss is measured: the last `checkpoints`, 5% of
+    training apart (at least one step), ending with the last step."""
+    gap = max(1, steps // 20)
+    return sorted({max(1, steps - index * gap) for index in range(checkpoints)})
+
+
+def checkpoint_average(heldout: list[dict], domains: list[str]) -> dict:
+    """The held-out loss per domain and its mean, averaged over the evaluated checkpoints (the
+    end of training is noisy step to step), and each checkpoint's values."""
+    losses = {domain: sum(entry["heldout_loss"][domain] for entry in heldout) / len(heldout)
+              for domain in domains}
+    return {"heldout_loss": losses, "heldout_loss_mean": sum(losses.values()) / len(losses),
+            "heldout_checkpoints": [{name: entry[name] for name in (
+                "step", "heldout_loss", "heldout_loss_mean", "heldout_loss_halves")}
+                for entry in heldout]}
 
 
 def curve_metrics(spec: ScopeSpec) -> dict:

@@ -74,6 +74,14 @@ def test_demo_then_analyze(tmp_path, capsys):
         assert all(value >= 0 for value in curves["micro_load_violation"]
                    + curves["global_load_violation"])
         assert set(run["heldout_loss"]) == set(domains)
+        # The held-out loss is the mean over the last 3 checkpoints (here every step).
+        checkpoints = run["heldout_checkpoints"]
+        assert [entry["step"] for entry in checkpoints] == [1, 2, 3]
+        assert run["heldout_loss_mean"] == pytest.approx(
+            sum(entry["heldout_loss_mean"] for entry in checkpoints) / 3, rel=1e-12)
+        for entry in checkpoints:  # two halves of 2 windows each: their mean is the whole's
+            assert sum(entry["heldout_loss_halves"]) / 2 == pytest.approx(
+                entry["heldout_loss_mean"], rel=1e-9)
         assert all(0 < loss < math.log(257) + 1 for loss in run["heldout_loss"].values())
         assert run["seconds_per_step"] > 0
         routing = run["routing"]
@@ -113,8 +121,9 @@ def test_demo_then_analyze(tmp_path, capsys):
     assert analysis["routing"]["selection_frequency"] == demo_routing["selection_frequency"]
     assert sum(analysis["routing"]["topk_score_sum"], []) == pytest.approx(
         sum(demo_routing["topk_score_sum"], []), rel=1e-9)
-    assert analysis["heldout_loss"] == pytest.approx(runs["auxfree-global"]["heldout_loss"],
-                                                     rel=1e-9)
+    final = runs["auxfree-global"]["heldout_checkpoints"][-1]
+    assert final["step"] == 3
+    assert analysis["heldout_loss"] == pytest.approx(final["heldout_loss"], rel=1e-9)
     layers = len(analysis["routing"]["high_frequency_overlap"])
     assert layers == results["settings"]["num_layers"]
     for path in analysis["files"].values():
@@ -183,3 +192,22 @@ def test_seeds_summary_recomputed_from_per_seed(tmp_path, capsys):
         assert (out / f"seed{seed}" / "global" / "model.pt").is_file()
     assert_png(results["files"]["seeds"])
 
+
+def test_evaluating_checkpoints_leaves_training_unchanged(tmp_path):
+    """Held-out evaluations during training (--eval-checkpoints) do not change the model."""
+    finals = []
+    for checkpoints in ("1", "3"):
+        out = tmp_path / checkpoints
+        assert cli.main(["demo", "--scopes", "global", "--steps", "3", "--ranks", str(RANKS),
+                         "--microbatches", "1", "--micro-batch-size", "2", "--seq-length",
+                         str(SEQ), "--eval-sequences", "4", "--eval-checkpoints", checkpoints,
+                         "--out", str(out), "--no-progress"]) == 0
+        with open(out / "results.json") as f:
+            run = json.load(f)["per_seed"]["0"]["scopes"]["global"]
+        assert len(run["heldout_checkpoints"]) == int(checkpoints)
+        finals.append((run["heldout_checkpoints"][-1], run["routing"], run["train_curves"],
+                       torch.load(out / "global" / "model.pt", weights_only=False)["state_dict"]))
+    (*one, state_one), (*three, state_three) = finals
+    assert one == three  # final held-out loss, routing statistics, training curves
+    assert all(torch.equal(state_one[name], state_three[name]) for name in state_one
+               if isinstance(state_one[name], torch.Tensor))
