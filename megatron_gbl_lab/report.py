@@ -128,7 +128,40 @@ def summarize(per_seed: dict, seeds: list[int]) -> dict:
                           metric.lower_is_better)
                       for metric in METRICS}
               for label in labels[1:]}
-    return {"summary": summary, "paired": paired}
+    runs = [per_seed[str(seed)]["scopes"][label] for seed in seeds for label in labels]
+    losses = {label: values[label]["heldout_loss_mean"] for label in labels}
+    return {"summary": summary, "paired": paired, "noise": loss_noise(runs, losses)}
+
+
+def loss_noise(runs: list[dict], losses: dict[str, list[float]]) -> dict:
+    """Where the spread of the held-out loss comes from, as standard deviations (RMS over runs):
+
+        evaluation  from which held-out windows were evaluated: with halves A, B of the windows,
+                    var(mean) = var(A - B) / 4, so |A - B| / 2 at each checkpoint
+        end         between the last checkpoints of one run (5% of training apart): the noise
+                    of the end of training
+        seed        over seeds, of one run's loss (the checkpoint mean)
+        paired      over seeds, of a run's difference to the first run (what the paired
+                    intervals are made of)
+
+    `losses`: run label -> its held-out loss per seed. None where there is nothing to measure
+    (one checkpoint, one seed, one run).
+    """
+    def rms(values):
+        values = [value for value in values if value is not None and not math.isnan(value)]
+        return math.sqrt(sum(value * value for value in values) / len(values)) if values else None
+
+    evaluation = [abs(a - b) / 2 for run in runs for checkpoint in run["heldout_checkpoints"]
+                  for a, b in [checkpoint["heldout_loss_halves"]]
+                  if a is not None and b is not None]
+    end = [stats.mean_and_sd([c["heldout_loss_mean"] for c in run["heldout_checkpoints"]])[1]
+           for run in runs]
+    first, *others = losses.values()
+    seed = [stats.mean_and_sd(per_seed)[1] for per_seed in losses.values()]
+    paired = [stats.mean_and_sd([x - y for x, y in zip(per_seed, first)])[1]
+              for per_seed in others]
+    return {"evaluation": rms(evaluation), "end": rms(end), "seed": rms(seed),
+            "paired": rms(paired)}
 
 
 def format_seeds_table(results: dict) -> str:
@@ -153,6 +186,12 @@ def format_seeds_table(results: dict) -> str:
             f"the run minus {first} at the same seed (same initial weights and data order), "
             "mean with its 95% Student-t interval, and in how many seeds the run is lower / "
             "higher; 'resolved': the interval excludes 0.")
+    noise = results["noise"]
+    parts = [f"{name} {noise[key]:.4f}" for key, name in (
+        ("evaluation", "evaluation sampling"), ("end", "end of training"),
+        ("seed", "seed to seed"), ("paired", "paired differences")) if noise[key] is not None]
+    if parts:
+        note += " Held-out loss, sd from: " + ", ".join(parts) + " (results.json: noise)."
     return note + "\n\n" + _markdown(labels, rows)
 
 

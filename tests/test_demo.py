@@ -187,6 +187,12 @@ def test_seeds_summary_recomputed_from_per_seed(tmp_path, capsys):
         assert paired["ci95"] == pytest.approx([mean - half, mean + half], rel=1e-9)
         assert (paired["wins"], paired["n"]) == (wins, 3)
     assert "micro" not in results["paired"]
+    # The seed-to-seed part of the loss noise: the RMS of each run's sd over seeds.
+    sds = [math.sqrt(sum((x - sum(xs) / 3) ** 2 for x in xs) / 2)
+           for label in ("micro", "global")
+           for xs in [[results["per_seed"][str(seed)]["scopes"][label]["heldout_loss_mean"]
+                       for seed in seeds]]]
+    assert results["noise"]["seed"] == pytest.approx(math.sqrt(sum(sd * sd for sd in sds) / 2))
     # Every seed's model, and one point per seed in the seeds figure.
     for seed in seeds:
         assert (out / f"seed{seed}" / "global" / "model.pt").is_file()
