@@ -8,6 +8,7 @@ command with exit status 2 and a one-line message that names the flag and the fi
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from typing import Optional, Sequence
@@ -45,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="megatron-gbl",
         description="Global-batch load balancing for Megatron-Core MoE (Qiu et al. 2025).")
-    commands = parser.add_subparsers(required=True, metavar="{demo,analyze}", parser_class=_Parser)
+    commands = parser.add_subparsers(required=True, metavar="{demo,compare,analyze}",
+                                     parser_class=_Parser)
 
     demo = commands.add_parser(
         "demo", help="train a tiny GPT-MoE per load-balancing scope on CPU and compare them",
@@ -91,6 +93,15 @@ def _parser() -> argparse.ArgumentParser:
                       help="output directory (default: %(default)s)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo.set_defaults(command=_demo, subparser=demo)
+
+    compare = commands.add_parser(
+        "compare", help="a demo's results over seeds, paired against another of its runs",
+        description="Print the summary over seeds of a results.json written by `megatron-gbl "
+                    "demo --seeds`, with the paired differences against the run --against "
+                    "instead of the first run of --scopes.")
+    compare.add_argument("results", help="results.json of a `megatron-gbl demo --seeds` run")
+    compare.add_argument("--against", required=True, help="the run to pair every other run with")
+    compare.set_defaults(command=_compare, subparser=compare)
 
     analyze = commands.add_parser(
         "analyze", help="expert selection per domain of a model saved by the demo",
@@ -152,6 +163,24 @@ def _demo(args) -> int:
     print(f"\n{results['wall_seconds']:.0f} s. Results: {os.path.join(args.out, 'results.json')}; "
           f"figures: {', '.join(results['files'].values())}; models: "
           f"{', '.join(models) if len(models) <= 8 else os.path.join(args.out, 'seed*', '*')}")
+    return 0
+
+
+def _compare(args) -> int:
+    from megatron_gbl_lab import report
+
+    try:
+        with open(args.results) as f:
+            results = json.load(f)
+        seeds, per_seed = results["seeds"], results["per_seed"]
+    except (OSError, ValueError, KeyError) as error:
+        raise ValueError(f"{args.results}: not a results.json of `megatron-gbl demo` ({error}); "
+                         "pass OUT/results.json of a `megatron-gbl demo --seeds` run") from None
+    if len(seeds) < 2:
+        raise ValueError(f"{args.results}: one seed ({seeds[0]}), nothing to pair; run the demo "
+                         "with --seeds")
+    results.update(report.summarize(per_seed, seeds, baseline=args.against))
+    print(report.format_seeds_table(results))
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 from megatron_gbl_lab import stats
 
@@ -102,16 +103,23 @@ METRICS = (
 )
 
 
-def summarize(per_seed: dict, seeds: list[int]) -> dict:
-    """results.json's `summary` and `paired` from `per_seed` (see README, "Seeds"):
+def summarize(per_seed: dict, seeds: list[int], baseline: Optional[str] = None) -> dict:
+    """results.json's `summary`, `paired` and `noise` from `per_seed` (README, "Seeds"):
 
         summary[label][metric] = {mean, sd, n}                     over the seeds
-        paired[label][metric]  = {mean_diff, ci95, wins, n}        label minus the first label,
+        paired[label][metric]  = {mean_diff, ci95, wins, n}        label minus the baseline
+                                                                   (default: the first label),
                                                                    seed by seed (stats.py)
 
-    Every metric of METRICS; `paired` has every label but the first.
+    Every metric of METRICS; `summary` lists the baseline first, `paired` every other label.
     """
     labels = list(per_seed[str(seeds[0])]["scopes"])
+    if baseline is not None:
+        if baseline not in labels:
+            raise ValueError(f"--against {baseline!r}: not a run of these results; one of "
+                             f"{', '.join(labels)}")
+        labels.remove(baseline)
+        labels.insert(0, baseline)
     values = {label: {metric.name: [metric.value(per_seed[str(seed)]["scopes"][label])
                                     for seed in seeds]
                       for metric in METRICS}

@@ -193,6 +193,12 @@ def test_seeds_summary_recomputed_from_per_seed(tmp_path, capsys):
            for xs in [[results["per_seed"][str(seed)]["scopes"][label]["heldout_loss_mean"]
                        for seed in seeds]]]
     assert results["noise"]["seed"] == pytest.approx(math.sqrt(sum(sd * sd for sd in sds) / 2))
+    # The same results paired against global: every difference the other way round.
+    assert cli.main(["compare", str(out / "results.json"), "--against", "global"]) == 0
+    printed = capsys.readouterr().out
+    assert "Δ vs global, 95% CI" in printed and printed.index("| global") < printed.index("micro")
+    mean_diff = results["paired"]["global"]["heldout_loss_mean"]["mean_diff"]
+    assert f"{-mean_diff:+.4f}" in printed
     # Every seed's model, and one point per seed in the seeds figure.
     for seed in seeds:
         assert (out / f"seed{seed}" / "global" / "model.pt").is_file()

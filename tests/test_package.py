@@ -83,6 +83,8 @@ CLI_CALLS = {
     "too few ranks": ["demo", "--ranks", "2"],
     "missing data": ["demo", "--train-data", "no.jsonl", "--valid-data", "no.jsonl"],
     "missing model": ["analyze", "--model", "nowhere", "--data", "no.jsonl"],
+    "compare help": ["compare", "--help"],
+    "missing results": ["compare", "nowhere.json", "--against", "global"],
 }
 
 
