@@ -11,7 +11,8 @@ instead of one micro-batch.
 
 Public API:
     enable(scope, *, sync_group_size=None, micro_coeff=0.0, blocking_sync=False,
-           switch_scope=None, switch_iteration=None, shuffle_seed=0, model=None)
+           switch_scope=None, switch_iteration=None, shuffle_seed=0, device_coeff=0.0,
+           device_groups=None, model=None)
                                   scopes: micro, seq, dp, global, shuffle
     disable()
     enabled(scope, **kw)          context manager around enable/disable

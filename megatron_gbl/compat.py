@@ -80,6 +80,36 @@ def pipeline_size(config) -> int:
     return getattr(config, "pipeline_model_parallel_size", None) or 1
 
 
+def expert_parallel_size(config) -> int:
+    """expert_model_parallel_size of a TransformerConfig or of Megatron-LM's args (1 if unset)."""
+    return getattr(config, "expert_model_parallel_size", None) or 1
+
+
+def token_group(moe_layer):
+    """The ranks whose tokens one dispatch of `moe_layer` (an MoELayer, or None) exchanges.
+
+    Each rank's micro-batch tokens (its S/TP x B slice under sequence parallelism, its CP
+    chunk, its data shard) go to the devices of their experts within the expert-tensor x
+    expert-parallel group, `token_dispatcher.tp_ep_group`, for every dispatcher of 0.12-0.19
+    (megatron/core/transformer/moe/token_dispatcher.py):
+    - allgather (MoEAllGatherTokenDispatcher.token_dispatch): all-gathers routing map, probs
+      and tokens over tp_ep; each rank keeps the columns of its local experts;
+    - alltoall (MoEAlltoAllTokenDispatcher.preprocess / token_dispatch): all-gathers the
+      per-expert counts over tp_ep, sends tokens by all-to-all over the expert-parallel group,
+      then all-gathers them over the expert-tensor group: the tokens of tp_ep again;
+    - flex (MoEFlexTokenDispatcher, DeepEP / HybridEP / 0.19's NCCL EP backends): one fused
+      dispatch over tp_ep, the routing map expanded to [tokens, EP x ETP, local experts].
+    The group is `tp_ep` of the layer's process-group collection from 0.13 (attribute set in
+    MoETokenDispatcher.__init__; `model_comm_pgs` in 0.13-0.14, `pg_collection` from 0.15),
+    and a property returning parallel_state's group in 0.12; a router has no reference to it,
+    hence the layer. Without a layer: parallel_state's group, the default on every version.
+    """
+    group = getattr(getattr(moe_layer, "token_dispatcher", None), "tp_ep_group", None)
+    if group is None:
+        group = parallel_state.get_expert_tensor_and_model_parallel_group()
+    return group
+
+
 def recomputes_router(config) -> bool:
     """Whether activation recompute replays routers: whole layers, or the MoE layer
     (`recompute_modules` with "moe" from 0.14, `moe_layer_recompute` before)."""

@@ -39,6 +39,15 @@ class Settings:
         act while the scope in force is dp or global.
     shuffle_seed:
         Seed of the "shuffle" draws (each data-parallel replica draws its own sample).
+    device_coeff:
+        Weight of a device-level LBL beside the scoped one, at every scope: DeepSeek-V2's
+        device-level balance loss over `device_groups` groups of consecutive experts, with the
+        counts of one all-to-all (this micro-batch over the layer's token group, see
+        lbl.apply_scoped_lbl), never buffered. 0 adds none.
+    device_groups:
+        Number of groups of consecutive experts the device-level LBL and the logged
+        micro_batch_device_load_violation balance; must divide the number of experts. None:
+        the expert-parallel size (one group per expert-parallel rank, as Megatron places them).
 
     Error messages name the Python argument and the Megatron-LM flag (--moe-lbl-*).
     """
@@ -50,6 +59,8 @@ class Settings:
     switch_scope: Optional[str] = None
     switch_iteration: Optional[int] = None
     shuffle_seed: int = 0
+    device_coeff: float = 0.0
+    device_groups: Optional[int] = None
 
     def __post_init__(self):
         for name, flag, scope in (("scope", "--moe-lbl-scope", self.scope),
@@ -83,6 +94,21 @@ class Settings:
             raise ValueError(
                 f"megatron_gbl: sync_group_size (--moe-lbl-sync-group-size) must be a positive "
                 f"int (data-parallel ranks per balance block), got {self.sync_group_size!r}"
+            )
+        self._check_device()
+
+    def _check_device(self) -> None:
+        if isinstance(self.device_coeff, bool) or not isinstance(self.device_coeff, (int, float)) \
+                or not self.device_coeff >= 0:
+            raise ValueError(
+                f"megatron_gbl: device_coeff (--moe-lbl-device-coeff) must be a number >= 0, got "
+                f"{self.device_coeff!r}; use 0 for no device-level LBL"
+            )
+        if self.device_groups is not None and not _int_at_least(self.device_groups, 1):
+            raise ValueError(
+                f"megatron_gbl: device_groups (--moe-lbl-device-groups) must be an int >= 1 "
+                f"(groups of consecutive experts, one per device), got {self.device_groups!r}; "
+                "leave it unset for one group per expert-parallel rank"
             )
 
     def _check_switch(self) -> None:
@@ -128,6 +154,34 @@ class Settings:
 
 def _int_at_least(value, minimum: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def device_groups(config, settings: Settings) -> int:
+    """D, the number of expert groups of the device-level LBL and its metric, for a router
+    config (a TransformerConfig or Megatron-LM's args): `settings.device_groups`, else the
+    expert-parallel size. Raises ValueError naming the flag and the fix when D cannot apply."""
+    num_experts = getattr(config, "num_moe_experts", None) or getattr(config, "num_experts", None)
+    expert_parallel = compat.expert_parallel_size(config)
+    groups = settings.device_groups or expert_parallel
+    if num_experts and num_experts % groups:
+        raise ValueError(
+            f"megatron_gbl: device_groups (--moe-lbl-device-groups) {groups} must divide the "
+            f"number of experts {num_experts} (num_moe_experts / --num-experts), so that every "
+            f"group holds the same number of consecutive experts; pick a divisor of "
+            f"{num_experts}, or leave it unset for the expert-parallel size"
+        )
+    if settings.device_coeff and groups == 1:
+        one_group = (
+            "device_groups (--moe-lbl-device-groups) is 1" if settings.device_groups else
+            "device_groups (--moe-lbl-device-groups) is unset and the expert-parallel size "
+            f"(expert_model_parallel_size / --expert-model-parallel-size) is {expert_parallel}")
+        raise ValueError(
+            f"megatron_gbl: device_coeff (--moe-lbl-device-coeff) {settings.device_coeff} balances "
+            f"groups of experts against each other, but there is only one group: {one_group}, so "
+            "the device-level loss is the constant 1. Set --moe-lbl-device-groups to a divisor > 1 "
+            "of the number of experts, or use expert parallelism, or drop --moe-lbl-device-coeff"
+        )
+    return groups
 
 
 def check_sync_group_size(sync_group_size: int, data_parallel_size: int) -> None:
@@ -215,6 +269,15 @@ def router_balancing(config, settings: Optional[Settings] = None) -> Balancing:
             "(auxiliary-loss-free only); drop it, or add an LBL with "
             "--moe-router-load-balancing-type aux_loss and --moe-aux-loss-coeff > 0"
         )
+    if settings is not None and settings.device_coeff and lbl_type is None:
+        raise ValueError(
+            f"megatron_gbl: device_coeff (--moe-lbl-device-coeff) {settings.device_coeff} adds a "
+            "device-level LBL beside the scoped LBL, but this model balances without an LBL "
+            "(auxiliary-loss-free only); drop it, or add an LBL with "
+            "--moe-router-load-balancing-type aux_loss and --moe-aux-loss-coeff > 0"
+        )
+    if settings is not None:
+        device_groups(config, settings)
     if settings is not None and bias_update_rate is not None:
         _check_bias_scopes(settings, config)
     return balancing

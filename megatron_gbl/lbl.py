@@ -15,6 +15,9 @@ Scope "shuffle" (paper Tab. 2) is "micro" with C counted on T_k tokens drawn wit
 replacement from the micro-batch of every replica: micro's token count, global's distribution.
 With `micro_coeff` > 0 (dp/global), micro_coeff * LBL of the micro-batch over TP x CP is added
 (paper Tab. 5, "LBL_global + LBL_micro").
+With `device_coeff` > 0, at every scope, device_coeff * L_dev is added: DeepSeek-V2's
+device-level LBL over groups of consecutive experts, with the counts of one all-to-all (the
+micro-batch over the layer's token group; `_device_weights`).
 
 No barrier in the forward pass: L is linear in the probability sums s_i, L = Σ_i w_i s_i with
 w = ∂L/∂s known once the counts are (loss.load_balancing_weights). The count all-reduce is
@@ -39,7 +42,7 @@ from megatron_gbl.bias import ExpertBiasUpdater
 from megatron_gbl.buffer import StepBuffer
 from megatron_gbl.comm import PendingGather, PendingSum
 from megatron_gbl.config import Balancing, Settings
-from megatron_gbl.loss import load_balancing_weights
+from megatron_gbl.loss import device_balancing_weights, load_balancing_weights
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,11 @@ class RouterState:
     microbatch_stats: list = field(default_factory=list)
     load_counts: list = field(default_factory=list)
     lbl_terms: list = field(default_factory=list)  # (w float64, s) per backward: metrics.log_lbl
+    # (w float64 [E], s [E], device_coeff) per backward of the device-level LBL: metrics.log_lbl
+    device_terms: list = field(default_factory=list)
+    # The layer's all-to-all token group and D, the device groups (steps.start_step sets them).
+    token_group: object = None
+    device_groups: int = 1
     logit_sums: list = field(default_factory=list)  # fp32 []: NaN or inf if a logit was
     shuffle_generator: Optional[torch.Generator] = None
 
@@ -80,6 +88,7 @@ class RouterState:
         self.microbatch_stats.clear()
         self.load_counts.clear()
         self.lbl_terms.clear()
+        self.device_terms.clear()
         if self.bias is not None:
             self.bias.start_step()
         self.in_step = True
@@ -185,12 +194,20 @@ def apply_scoped_lbl(
                                  replicas=_size(group) // _size(local_group), bsz=bsz,
                                  tokens_nonzero=tokens_nonzero, shuffled=shuffled)
 
+    device_weights = None
+    if settings.device_coeff:
+        device_weights = _device_weights(router, state, settings, local_counts,
+                                         probs_sum_E.detach(), tokens_nonzero)
+
     def backward_weights() -> torch.Tensor:
         weights_X = weights()
         # Kept for the logged LBL; micro_coeff's term is logged as micro_batch_lbl instead.
         state.lbl_terms.append((weights_X, kept_probs_sum))
         if micro_weights is not None:
             weights_X = weights_X + micro_weights()
+        if device_weights is not None:
+            # Viewed [B, E] for "seq" (B*E sums): an expert's weight for every sequence's copy.
+            weights_X = (weights_X.view(-1, num_experts) + device_weights()).view(-1)
         scale = compat.aux_loss_backward_scale(router, num_local_tokens)
         if scale is None:
             return weights_X.to(probs_sum.dtype)
@@ -215,6 +232,49 @@ class _DeferredLBL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_probs):
         return grad_probs, ctx.backward_weights(), None
+
+
+def _device_weights(router, state: RouterState, settings: Settings, local_counts,
+                    probs_sum_E: torch.Tensor, tokens_nonzero: bool):
+    """w of the device-level LBL: issue the count sum over the token group, return w's thunk.
+
+    For micro-batch k and the token group G of the layer's all-to-all (compat.token_group:
+    TP x EP for every Megatron dispatcher), with D groups of consecutive experts (loss.
+    device_balancing_weights):
+
+        L_G = device_coeff * D * Σ_d F_d * P_d,   F_d = C_d / (K * T_G),   P_d = S_d / T_G
+
+    C_d, S_d: choices of and probability sums over group d's experts, T_G: valid tokens, all
+    over G's micro-batch k only (one all-to-all's load; never buffered). L_G is linear in the
+    expert sums S_i = Σ_{r in G} s_i^r: L_G = Σ_i w_i S_i with w_i = device_coeff * D *
+    F_d(i) / T_G. Rank r attaches Σ_i R_G w_i s_i^r, R_G = |G| / |TP x CP|.
+
+    Why R_G: as for the other terms (micro: R = 1 is Megatron's aux_loss), Megatron's gradient
+    reduction (sum over TP of sequence-parallel gradients, average over DP x CP, with the
+    aux-loss scale of compat.aux_loss_backward_scale) applies |TP x CP| / N * Σ_r g_r over the
+    N ranks of the pipeline stage: the mean over TP x CP groups of what their ranks add up to.
+    With g_r = R_G ∇(Σ_i w_i s_i^r), Σ_r g_r = R_G Σ_G ∇L_G, so the router gets
+    |TP x CP| / N * |G| / |TP x CP| * Σ_G ∇L_G = mean over the N / |G| token groups of ∇L_G:
+    each micro-batch's device loss over its token group, averaged like the micro-batch LBL.
+    R_G is fractional when G is smaller than TP x CP (expert-tensor size below TP); the sums
+    above do not need it whole. The logged value (metrics.log_lbl) is, by the same sums, the
+    mean of L_G / device_coeff.
+    """
+    token_group = state.token_group
+    synced = PendingSum(_to_sum(local_counts, token_group), token_group, settings.blocking_sync,
+                        _what("device-count sum", router))
+    replicas = _size(token_group) / _size(compat.tp_cp_group(router))
+    num_devices, coeff = state.device_groups, settings.device_coeff
+
+    def weights():
+        counts = synced.wait()
+        weights_E = device_balancing_weights(counts[:-1], counts[-1], counts[-1], router.topk,
+                                             num_devices, coeff * replicas,
+                                             tokens_nonzero=tokens_nonzero)
+        state.device_terms.append((weights_E, probs_sum_E, coeff))
+        return weights_E
+
+    return weights
 
 
 def _batch_weights(router, state, settings, counts, group, replicas: int, bsz: int,

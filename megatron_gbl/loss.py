@@ -82,3 +82,49 @@ def load_balancing_weights(
     else:
         num_tokens = num_tokens_for_f.clamp(min=1) * num_tokens_for_p.clamp(min=1)
     return tokens_per_expert_E / (num_tokens.double() * (topk / (num_experts * coeff)))
+
+
+def tokens_per_device(tokens_per_expert_E: torch.Tensor, num_devices: int) -> torch.Tensor:
+    """Σ_{i in d} x_i for each of D groups of E/D consecutive experts: [..., E] -> [..., D].
+
+    Megatron-Core places experts contiguously: expert-parallel rank d holds experts
+    d*E/D .. (d+1)*E/D - 1 (MoELayer.local_expert_indices), so with D the expert-parallel size
+    group d is what device d computes. D must divide E.
+    """
+    return tokens_per_expert_E.unflatten(-1, (num_devices, -1)).sum(dim=-1)
+
+
+def device_balancing_weights(
+    tokens_per_expert_E: torch.Tensor,
+    num_tokens_for_f: torch.Tensor,
+    num_tokens_for_p: torch.Tensor,
+    topk: int,
+    num_devices: int,
+    coeff: float,
+    *,
+    tokens_nonzero: bool = False,
+) -> torch.Tensor:
+    """w_i = coeff * D * F_d(i) / T_p, so that coeff * L_dev = Σ_i w_i * s_i, with
+
+        L_dev = D * Σ_d F_d * P_d                              (1 when balanced)
+        F_d   = Σ_{i in d} c_i / (K * T_f)    fraction of the T_f*K expert choices in group d
+        P_d   = Σ_{i in d} s_i / T_p          summed mean router probability of group d
+
+    over D groups of E/D consecutive experts, d(i) the group of expert i. This is DeepSeek-V2's
+    device-level balance loss (arXiv 2405.04434, Sec. 2.2.3: Σ_d f'_d P'_d with
+    f'_d = D * F_d). It is eq. 2 with the groups as the experts, so the group weights are
+    `load_balancing_weights` of the group counts, and each expert takes its group's weight.
+
+    Args:
+        tokens_per_expert_E: c_i (int64, or float64 holding integers), shape [..., E].
+        num_tokens_for_f, num_tokens_for_p, topk, coeff, tokens_nonzero: as in
+            `load_balancing_weights`.
+        num_devices: D, dividing E.
+    Returns:
+        float64 [..., E]: w_i, equal within each group.
+    """
+    num_experts = tokens_per_expert_E.shape[-1]
+    weights_D = load_balancing_weights(tokens_per_device(tokens_per_expert_E, num_devices),
+                                       num_tokens_for_f, num_tokens_for_p, topk, num_devices,
+                                       coeff, tokens_nonzero=tokens_nonzero)
+    return weights_D.repeat_interleave(num_experts // num_devices, dim=-1)

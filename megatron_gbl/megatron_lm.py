@@ -65,6 +65,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="Wait for the expert-count all-reduce in the router's forward (like upstream) "
              "instead of overlapping it until the layer's backward. Same results.")
     group.add_argument(
+        "--moe-lbl-device-coeff", type=float, default=0.0,
+        help="Add a device-level load-balancing loss with this coefficient, at any scope "
+             "(DeepSeek-V2's, over --moe-lbl-device-groups groups of consecutive experts), "
+             "counted per micro-batch over the tokens of one all-to-all (TP x EP). 0: off.")
+    group.add_argument(
+        "--moe-lbl-device-groups", type=int, default=None,
+        help="Groups of consecutive experts the device-level loss and the logged "
+             "micro_batch_device_load_violation balance; must divide --num-experts. Unset: "
+             "--expert-model-parallel-size (one group per expert-parallel rank).")
+    group.add_argument(
         "--moe-lbl-histogram-interval", type=int, default=100,
         help="Log a per-layer tokens-per-expert histogram to TensorBoard / W&B every N "
              "iterations (0: never).")
@@ -83,7 +93,9 @@ def configure(args: argparse.Namespace) -> None:
             ("--moe-lbl-sync-group-size", args.moe_lbl_sync_group_size),
             ("--moe-lbl-micro-coeff", args.moe_lbl_micro_coeff or None),
             ("--moe-lbl-switch-scope", args.moe_lbl_switch_scope),
-            ("--moe-lbl-switch-iteration", args.moe_lbl_switch_iteration)) if value is not None]
+            ("--moe-lbl-switch-iteration", args.moe_lbl_switch_iteration),
+            ("--moe-lbl-device-coeff", args.moe_lbl_device_coeff or None),
+            ("--moe-lbl-device-groups", args.moe_lbl_device_groups)) if value is not None]
         if given:
             raise ValueError(f"megatron_gbl: {given[0]} needs --moe-lbl-scope (the scope to "
                              "start from); add it, or drop the flag")
@@ -98,7 +110,9 @@ def configure(args: argparse.Namespace) -> None:
             f"got {args.moe_lbl_histogram_interval}")
     settings = Settings(scope, args.moe_lbl_sync_group_size, args.moe_lbl_micro_coeff,
                         args.moe_lbl_blocking_sync, args.moe_lbl_switch_scope,
-                        args.moe_lbl_switch_iteration, shuffle_seed=getattr(args, "seed", 0))
+                        args.moe_lbl_switch_iteration, shuffle_seed=getattr(args, "seed", 0),
+                        device_coeff=args.moe_lbl_device_coeff,
+                        device_groups=args.moe_lbl_device_groups)
     balancing = router_balancing(args, settings)
     train_iters = getattr(args, "train_iters", None)
     if settings.switch_iteration is not None and train_iters \
@@ -117,6 +131,8 @@ def configure(args: argparse.Namespace) -> None:
     steps.set_iteration(0, source=lambda: getattr(training.get_args(), "curr_iteration", None))
     names = metrics.names(balancing.lbl_type is not None,
                           balancing.bias_update_rate is not None)
+    if settings.device_coeff:
+        names += (metrics.DEVICE_LBL,)
     owner, name = _logging_hook()
     patch.replace(owner, name, lambda original: functools.wraps(original)(
         lambda *a, **k: _log_step(original, names, args.moe_lbl_histogram_interval, *a, **k)))

@@ -7,14 +7,21 @@ bias).
 
 - one all-reduce over TP x CP of the per-micro-batch stats [L, M, X]: each micro-batch as
   Megatron's aux_loss sees it;
-- one all-reduce over TP x DP x CP of their sums over the step [L, X]: the global batch.
+- one all-reduce over TP x DP x CP of their sums over the step [L, X]: the global batch;
+- one all-reduce over the token group of the layers' all-to-all (TP x EP; none at D = 1) of the
+  per-micro-batch load in D groups of consecutive experts [L, M, D]: what one all-to-all carries.
 
     LBL(c, s, T)   = N_E * Σ_i c_i / (K T) * s_i / T        (paper eq. 2, value without coeff)
     load violation = max_i c_i / mean_i c_i - 1             (MaxVio of Wang et al. 2024)
+    device load violation = max_d C_d / mean_d C_d - 1      C_d = Σ_{i in group d} c_i over
+                                                            the micro-batch's token group
 
 The load is the expert-bias load (the dispatched, biased top-k) when expert bias is on, else the
 LBL's counts. Micro-batch values are averaged over the step's micro-batches here and over
 data-parallel ranks by Megatron's tracker; global values are the same on every rank.
+The device load violation is computed with or without the device-level LBL, from D groups
+(device_groups, default the expert-parallel size): the slowest device of an all-to-all over
+the mean one. At D = 1 (no expert parallelism) it is 0: there is no all-to-all to wait on.
 """
 
 from __future__ import annotations
@@ -25,12 +32,15 @@ from typing import Optional, Sequence
 import torch
 
 from megatron_gbl import comm, compat
-from megatron_gbl.loss import load_balancing_loss
+from megatron_gbl.loss import load_balancing_loss, tokens_per_device
 
 MICRO_LBL = "micro_batch_lbl"
 GLOBAL_LBL = "global_batch_lbl"
 MICRO_LOAD_VIOLATION = "micro_batch_load_violation"
 GLOBAL_LOAD_VIOLATION = "global_batch_load_violation"
+MICRO_DEVICE_LOAD_VIOLATION = "micro_batch_device_load_violation"
+# The device-level LBL's value (the loss that has a gradient), logged by `log_lbl` like the LBL.
+DEVICE_LBL = "device_load_balancing_loss"
 BALANCE_BSZ = "balance_bsz_tokens"
 EXPERT_BIAS_STD = "expert_bias_std"
 
@@ -38,7 +48,7 @@ EXPERT_BIAS_STD = "expert_bias_std"
 def names(has_lbl: bool, has_expert_bias: bool) -> tuple[str, ...]:
     """The metric names `step_metrics` gives for a router configuration."""
     return ((MICRO_LBL, GLOBAL_LBL) if has_lbl else ()) + (
-        MICRO_LOAD_VIOLATION, GLOBAL_LOAD_VIOLATION, BALANCE_BSZ) + (
+        MICRO_LOAD_VIOLATION, GLOBAL_LOAD_VIOLATION, MICRO_DEVICE_LOAD_VIOLATION, BALANCE_BSZ) + (
         (EXPERT_BIAS_STD,) if has_expert_bias else ())
 
 
@@ -100,6 +110,8 @@ def step_metrics(routers: Sequence) -> Optional[StepMetrics]:
                                for stats in (micro_LMX, global_LX))
     values[MICRO_LOAD_VIOLATION] = load_violation(micro_load).mean(dim=1)
     values[GLOBAL_LOAD_VIOLATION] = load_violation(global_load)
+    values[MICRO_DEVICE_LOAD_VIOLATION] = _device_load_violation(
+        routers[0]._megatron_gbl, stats_LMX[..., load_start:load_start + num_experts])
     # Stacked where the counts live: no host round trip per layer, and a device tensor for
     # Megatron's tracker all-reduce on NCCL.
     values[BALANCE_BSZ] = torch.stack([router._megatron_gbl.balance_tokens().double()
@@ -134,6 +146,24 @@ def log_lbl(routers: Sequence) -> None:
         compat.log_to_tracker(router, compat.tracker_name(state.balancing.lbl_type), value,
                               reduce_group=compat.tp_cp_group(router),
                               avg_group=compat.tp_dp_cp_group(router))
+        if state.device_terms:
+            # Σ_k w_k · s_k / device_coeff, reduced the same way: the mean over token groups
+            # of the device-level LBL (lbl._device_weights).
+            value = sum((weights_E * probs_sum_E).sum() / coeff
+                        for weights_E, probs_sum_E, coeff in state.device_terms)
+            compat.log_to_tracker(router, DEVICE_LBL, value,
+                                  reduce_group=compat.tp_cp_group(router),
+                                  avg_group=compat.tp_dp_cp_group(router))
+
+
+def _device_load_violation(state, local_load_LME: torch.Tensor) -> torch.Tensor:
+    """[L]: the device load violation of each micro-batch over its token group, mean over the
+    step's micro-batches, from this rank's per-micro-batch load [L, M, E]."""
+    device_load_LMD = tokens_per_device(local_load_LME, state.device_groups)
+    if state.device_groups > 1:  # one group: 0 whatever the sums
+        comm.all_reduce_sum(device_load_LMD, state.token_group,
+                            "the step metrics' device-load sum over the token group")
+    return load_violation(device_load_LMD).mean(dim=1)
 
 
 def _microbatch_stats(state, has_lbl: bool, has_bias: bool) -> torch.Tensor:

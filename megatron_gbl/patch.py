@@ -42,6 +42,7 @@ _NO_STEP_BOUNDARY = (
 def enable(scope: str, *, sync_group_size: Optional[int] = None, micro_coeff: float = 0.0,
            blocking_sync: bool = False, switch_scope: Optional[str] = None,
            switch_iteration: Optional[int] = None, shuffle_seed: int = 0,
+           device_coeff: float = 0.0, device_groups: Optional[int] = None,
            model: Optional[steps.Model] = None):
     """Make every Megatron-Core TopKRouter balance at `scope` (see `Settings`).
 
@@ -51,11 +52,15 @@ def enable(scope: str, *, sync_group_size: Optional[int] = None, micro_coeff: fl
     `sync_group_size`, call it on every rank after `initialize_model_parallel` (building the
     balance blocks is a collective). `micro_coeff` adds that weight of micro-batch LBL beside a
     dp/global one (paper Tab. 5); `switch_scope` takes over from iteration `switch_iteration`
-    (Tab. 3). The count all-reduce overlaps the forward pass unless `blocking_sync`. Calling it
-    again replaces the settings; the patches are installed once.
+    (Tab. 3). `device_coeff` adds that weight of device-level LBL at any scope (DeepSeek-V2's,
+    over `device_groups` groups of consecutive experts, default one per expert-parallel rank;
+    counts of one all-to-all: the micro-batch over TP x EP). The count all-reduces overlap the
+    forward pass unless `blocking_sync`. Calling it again replaces the settings; the patches are
+    installed once.
     """
     settings = Settings(scope, sync_group_size, micro_coeff, blocking_sync, switch_scope,
-                        switch_iteration, shuffle_seed)
+                        switch_iteration, shuffle_seed, device_coeff=device_coeff,
+                        device_groups=device_groups)
     was_enabled = is_enabled()
     try:
         if settings.sync_group_size is not None and compat.model_parallel_ready():
@@ -70,8 +75,9 @@ def enable(scope: str, *, sync_group_size: Optional[int] = None, micro_coeff: fl
     steps.activate(settings)
     _install()
     logger.info("megatron_gbl: load-balancing scope=%s sync_group_size=%s micro_coeff=%s "
-                "switch=%s@%s", settings.scope, settings.sync_group_size, settings.micro_coeff,
-                settings.switch_scope, settings.switch_iteration)
+                "switch=%s@%s device_coeff=%s device_groups=%s", settings.scope,
+                settings.sync_group_size, settings.micro_coeff, settings.switch_scope,
+                settings.switch_iteration, settings.device_coeff, settings.device_groups)
 
 
 def disable() -> None:

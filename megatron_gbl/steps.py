@@ -17,7 +17,7 @@ import torch
 from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_gbl import bias, comm, compat, metrics
-from megatron_gbl.config import Settings, check_sync_group_size, router_balancing
+from megatron_gbl.config import Settings, check_sync_group_size, device_groups, router_balancing
 from megatron_gbl.lbl import BalanceBSZ, RouterState, bias_groups
 
 logger = logging.getLogger("megatron_gbl")
@@ -103,6 +103,7 @@ def start_step(model: Model, num_microbatches: Optional[int] = None,
     for router in routers:
         router._megatron_gbl.start_step(num_microbatches)
         compat.reset_upstream_expert_load(router)
+    _note_devices(model, routers, phase)
 
 
 def finish_step(model: Model) -> None:
@@ -193,6 +194,19 @@ def _check_logits_finite(routers: list[TopKRouter]) -> None:
             "the learning rate and the loss scale (fp16), or set --check-for-nan-in-loss-and-grad; "
             "the step is discarded, the expert bias is not updated."
         )
+
+
+def _note_devices(model: Model, routers: list[TopKRouter], settings: Settings) -> None:
+    """Give each router its device groups D and (once) its layer's all-to-all token group, for
+    the device-level LBL and micro_batch_device_load_violation."""
+    if any(router._megatron_gbl.token_group is None for router in routers):
+        chunks = [model] if isinstance(model, torch.nn.Module) else list(model)
+        layers = {id(module.router): module for chunk in chunks for module in chunk.modules()
+                  if isinstance(getattr(module, "router", None), TopKRouter)}
+        for router in routers:
+            router._megatron_gbl.token_group = compat.token_group(layers.get(id(router)))
+    for router in routers:
+        router._megatron_gbl.device_groups = device_groups(router.config, settings)
 
 
 def _require_enabled(name: str) -> None:

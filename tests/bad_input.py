@@ -83,6 +83,26 @@ MEGATRON_LM = {
                                   ["--moe-router-bias-update-rate", ">= 0"]),
     "frozen bias and no LBL": (dict(AUX_FREE, moe_router_bias_update_rate=0.0),
                                ["'none'", "--moe-router-bias-update-rate > 0"]),
+    "negative device coeff": (dict(moe_lbl_device_coeff=-1e-3),
+                              ["--moe-lbl-device-coeff", ">= 0"]),
+    "device groups < 1": (dict(moe_lbl_device_groups=0), ["--moe-lbl-device-groups", ">= 1"]),
+    "device groups not dividing the experts": (
+        dict(moe_lbl_device_coeff=1e-3, moe_lbl_device_groups=3),
+        ["--moe-lbl-device-groups", "3 must divide", "experts 8", "--num-experts"]),
+    "device coeff without expert parallelism": (
+        dict(moe_lbl_device_coeff=1e-3, expert_model_parallel_size=1),
+        ["--moe-lbl-device-coeff", "one group", "--expert-model-parallel-size",
+         "--moe-lbl-device-groups"]),
+    "device coeff with one device group": (
+        dict(moe_lbl_device_coeff=1e-3, moe_lbl_device_groups=1, expert_model_parallel_size=4),
+        ["--moe-lbl-device-coeff", "one group", "--moe-lbl-device-groups) is 1"]),
+    "device coeff without an LBL": (dict(AUX_FREE, moe_lbl_device_coeff=1e-3,
+                                         expert_model_parallel_size=4),
+                                    ["--moe-lbl-device-coeff", "--moe-aux-loss-coeff"]),
+    "device coeff without scope": (dict(moe_lbl_scope=None, moe_lbl_device_coeff=1e-3),
+                                   ["--moe-lbl-device-coeff", "--moe-lbl-scope"]),
+    "device groups without scope": (dict(moe_lbl_scope=None, moe_lbl_device_groups=4),
+                                    ["--moe-lbl-device-groups", "--moe-lbl-scope"]),
 }
 
 # case: (enable() keyword arguments, TransformerConfig overrides of the model or None,
@@ -119,6 +139,22 @@ PYTHON_API = {
                              ["moe_aux_loss_coeff=-0.001"]),
     "expert bias with shuffle": (dict(scope="shuffle"), AUX_FREE,
                                  ["'shuffle'", "expert-bias", "micro, dp, global"]),
+    "negative device_coeff": (dict(scope="micro", device_coeff=-1.0), None,
+                              ["device_coeff", ">= 0"]),
+    "device_coeff not a number": (dict(scope="global", device_coeff="1e-3"), None,
+                                  ["device_coeff", "number"]),
+    "device_groups 0": (dict(scope="global", device_groups=0), None,
+                        ["device_groups", ">= 1"]),
+    "device_groups not an int": (dict(scope="global", device_coeff=1e-3, device_groups=2.0), None,
+                                 ["device_groups", "int", "2.0"]),
+    "device_groups not dividing the experts": (
+        dict(scope="global", device_coeff=1e-3, device_groups=3), dict(num_moe_experts=8),
+        ["device_groups", "3 must divide", "experts 8"]),
+    "device_coeff at expert-parallel size 1": (
+        dict(scope="seq", device_coeff=1e-3), dict(expert_model_parallel_size=1),
+        ["device_coeff", "one group", "expert_model_parallel_size", "is 1"]),
+    "device_coeff without an LBL": (dict(scope="global", device_coeff=1e-3, device_groups=2),
+                                    AUX_FREE, ["device_coeff", "auxiliary-loss-free"]),
 }
 
 # case: fragments; the messages come from workers.bad_input_messages (4 gloo ranks, DP 4)

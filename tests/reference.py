@@ -147,3 +147,52 @@ def aux_free_run(weight_EH, hidden_steps, topk: int, rate: float, scope: str,
             bias_E = bias_E + update(step_counts)
         after_steps.append(bias_E.clone())
     return after_steps, routed_with
+
+
+def _expert_devices(num_experts: int, num_devices: int) -> torch.Tensor:
+    """Device of every expert: D blocks of E/D consecutive experts."""
+    return torch.arange(num_experts) // (num_experts // num_devices)
+
+
+def device_balance_loss(weight_EH, hidden, padding, token_groups, topk: int, coeff: float,
+                        num_devices: int) -> torch.Tensor:
+    """coeff * mean over micro-batches k and token groups g of DeepSeek-V2's device-level loss
+
+        L_gk = D * Σ_d F_d * P_d
+        F_d  = (# top-k choices of device d's experts among g's valid tokens of micro-batch k)
+               / (K * number of those tokens)
+        P_d  = Σ_{i on device d} mean over those tokens of softmax(x W^T)_i
+
+    hidden[k][r], padding[k][r] ([S, B] bool, True = padding, or padding None) as in
+    global_batch_lbl; token_groups: lists of ranks whose tokens one all-to-all exchanges.
+    """
+    devices_E = _expert_devices(weight_EH.shape[0], num_devices)
+    losses = []
+    for k, ranks in enumerate(hidden):
+        for group in token_groups:
+            x_NH = torch.cat([_valid_tokens(ranks[r], None if padding is None else padding[k][r])
+                              for r in group])
+            probs_NE, chosen_NE = _route(x_NH, weight_EH, topk)
+            counts_D = torch.zeros(num_devices, dtype=torch.float64).index_add(
+                0, devices_E, chosen_NE.sum(0))
+            probs_D = torch.zeros(num_devices, dtype=torch.float64).index_add(
+                0, devices_E, probs_NE.mean(0))
+            losses.append(num_devices * (counts_D / (topk * x_NH.shape[0]) * probs_D).sum())
+    return coeff * torch.stack(losses).mean()
+
+
+def device_load_violation(weight_EH, hidden, token_groups, topk: int,
+                          num_devices: int) -> dict[int, float]:
+    """Per rank: mean over micro-batches of max_d load_d / mean_d load_d - 1, load_d the top-k
+    choices of device d's experts among the tokens of the rank's token group (hidden[k][r])."""
+    devices_E = _expert_devices(weight_EH.shape[0], num_devices)
+    per_rank = {}
+    for group in token_groups:
+        violations = []
+        for ranks in hidden:
+            x_NH = torch.cat([_valid_tokens(ranks[r], None) for r in group])
+            load_D = torch.zeros(num_devices, dtype=torch.float64).index_add(
+                0, devices_E, _route(x_NH, weight_EH, topk)[1].sum(0))
+            violations.append(float(load_D.max() / load_D.mean() - 1))
+        per_rank.update(dict.fromkeys(group, sum(violations) / len(violations)))
+    return per_rank

@@ -60,7 +60,8 @@ def router_steps(rank: int, world_size: int, spec: dict) -> dict:
     """Train-mode router calls through one real TopKRouter, Megatron-style loss scaling.
 
     spec: scope (None = plugin off), lbl_type, coeff, microbatches, steps, padded, seed,
-    sync_group_size, per_token_loss (Megatron's calculate_per_token_loss). Returns the
+    sync_group_size, per_token_loss (Megatron's calculate_per_token_loss), device_coeff,
+    device_groups, config (TransformerConfig overrides). Returns the
     data-parallel-averaged router gradient of the last step (what DDP applies) plus what the
     plugin recorded.
     """
@@ -73,12 +74,15 @@ def router_steps(rank: int, world_size: int, spec: dict) -> dict:
                     micro_coeff=spec.get("micro_coeff", 0.0),
                     blocking_sync=spec.get("blocking_sync", False),
                     switch_scope=spec.get("switch_scope"),
-                    switch_iteration=spec.get("switch_iteration"))
+                    switch_iteration=spec.get("switch_iteration"),
+                    device_coeff=spec.get("device_coeff", 0.0),
+                    device_groups=spec.get("device_groups"))
     if spec["scope"] is not None and enable_first:
         megatron_gbl.enable(spec["scope"], **settings)
     config = harness.moe_config(moe_router_load_balancing_type=spec["lbl_type"],
                                 moe_aux_loss_coeff=spec["coeff"],
-                                calculate_per_token_loss=spec.get("per_token_loss", False))
+                                calculate_per_token_loss=spec.get("per_token_loss", False),
+                                **spec.get("config", {}))
     model = harness.build_gpt_moe(config)
     router = harness.routers_of(model)[0]
     if spec.get("dead_expert"):
