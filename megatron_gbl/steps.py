@@ -215,9 +215,11 @@ def _require_enabled(name: str) -> None:
 
 
 def _routers_of(model: Model) -> list[TopKRouter]:
+    """The TopKRouters of this rank's model chunks; none is fine on a pipeline stage of an MoE
+    model (dense first layers, uneven stages, hybrid stacks), an error for a whole model."""
     chunks = [model] if isinstance(model, torch.nn.Module) else list(model)
     routers = [m for chunk in chunks for m in chunk.modules() if isinstance(m, TopKRouter)]
-    if not routers:
+    if not routers and not _stage_of_moe_model(chunks):
         raise ValueError(
             "megatron_gbl is enabled but the model has no MoE layer (no TopKRouter): set "
             "num_moe_experts in the TransformerConfig, or call megatron_gbl.disable()"
@@ -225,6 +227,15 @@ def _routers_of(model: Model) -> list[TopKRouter]:
     for router in routers:
         router_state(router)
     return routers
+
+
+def _stage_of_moe_model(chunks: list) -> bool:
+    """Whether `chunks` are one pipeline stage of a model that has MoE layers: the config, which
+    every stage shares, has experts and splits the model over pipeline stages. Without
+    pipelining the chunks are the whole model, so having no router is conclusive there."""
+    configs = [getattr(chunk, "config", None) for chunk in chunks]
+    return any(config is not None and compat.pipeline_size(config) > 1
+               and getattr(config, "num_moe_experts", None) for config in configs)
 
 
 def router_state(router: TopKRouter) -> RouterState:

@@ -15,7 +15,7 @@ import queue
 import tempfile
 import time
 import traceback
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -186,13 +186,17 @@ def _worker(fn, rank, world_size, init_file, results, args):
 
 
 def init_model_parallel(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
-                        context_parallel_size: int = 1) -> None:
+                        context_parallel_size: int = 1,
+                        virtual_pipeline_model_parallel_size: Optional[int] = None,
+                        expert_model_parallel_size: int = 1) -> None:
     from megatron.core import parallel_state
 
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
         context_parallel_size=context_parallel_size,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
+        expert_model_parallel_size=expert_model_parallel_size,
     )
 
 
@@ -217,30 +221,65 @@ def moe_config(**overrides):
     if model_parallel_initialized():
         from megatron.core import parallel_state
 
-        # Without it every pipeline stage would build all the layers.
-        kwargs["pipeline_model_parallel_size"] = \
-            parallel_state.get_pipeline_model_parallel_world_size()
+        # The layout initialize_model_parallel set up (without it every pipeline stage would
+        # build all the layers). Megatron trains MoE layers under TP only with sequence
+        # parallelism.
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+        kwargs.update(
+            tensor_model_parallel_size=tp, sequence_parallel=tp > 1,
+            pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+            virtual_pipeline_model_parallel_size=vpp,
+            context_parallel_size=parallel_state.get_context_parallel_world_size(),
+            expert_model_parallel_size=parallel_state.get_expert_model_parallel_world_size(),
+        )
+        if vpp is not None:
+            # Megatron-LM's p2p settings for the interleaved schedule (overlap on, so no
+            # batching). Megatron-Core's default batches a step's sends and receives; at PP 2,
+            # where the previous and the next rank are the same, a batch then pairs the
+            # activation sent forward with the gradient received backward (both the same
+            # shape), which Megatron-LM's validate_args forbids.
+            kwargs.update(overlap_p2p_comm=True, batch_p2p_comm=False)
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
 
 
-def build_gpt_moe(config, vocab_size: int = 64, max_sequence_length: int = 64, seed: int = 0):
-    """A real Megatron-Core GPTModel with MoE layers (this rank's pipeline stage).
+def build_gpt_moe(config, vocab_size: int = 64, max_sequence_length: int = 64, seed: int = 0,
+                  vp_stage: Optional[int] = None):
+    """A real Megatron-Core GPTModel with MoE layers: this rank's pipeline stage, or its model
+    chunk `vp_stage` under a virtual pipeline (interleaved schedule).
 
-    Weights are identical on every data-parallel rank.
+    Layers are dense or MoE as `config.moe_layer_freq` says (Megatron's decoder block spec,
+    local modules), split over the stages as Megatron splits them (uneven first / last stages
+    included). Under context parallelism the core attention is `ContextParallelAttention`
+    (Megatron's local attention has none), under sequence parallelism the norms are
+    `SequenceParallelLayerNorm` (torch's, as Megatron wraps it, refuses it). Weights are
+    identical on every data-parallel rank.
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
+    stage = {} if vp_stage is None else {"vp_stage": vp_stage}
+    block_spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, **stage)
+    for layer_spec in block_spec.layer_specs:
+        if config.context_parallel_size > 1:
+            layer_spec.submodules.self_attention.submodules.core_attention = \
+                ContextParallelAttention
+        if config.sequence_parallel:
+            layer_spec.submodules.input_layernorm = SequenceParallelLayerNorm
+            layer_spec.submodules.pre_mlp_layernorm = SequenceParallelLayerNorm
+    if config.sequence_parallel:
+        block_spec.layer_norm = SequenceParallelLayerNorm
     torch.manual_seed(seed)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=get_gpt_layer_local_spec(num_experts=config.num_moe_experts),
+        transformer_layer_spec=block_spec,
         vocab_size=vocab_size,
         max_sequence_length=max_sequence_length,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, **stage),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, **stage),
+        **stage,
     )
     # What Megatron's Float16Module does to the weights and buffers (the router's expert bias
     # is kept fp32 by the router itself).
@@ -255,3 +294,105 @@ def routers_of(model) -> list:
     from megatron.core.transformer.moe.router import TopKRouter
 
     return [m for m in model.modules() if isinstance(m, TopKRouter)]
+
+
+class _GatherSequence(torch.autograd.Function):
+    """All-gather [s, ...] shards over `group` along dim 0 (group-rank order); the backward sums
+    the gradient over the group and keeps this rank's rows (an all-reduce: gloo has no
+    reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, shard, group):
+        ctx.group, ctx.rows = group, shard.shape[0]
+        parts = [torch.empty_like(shard) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, shard.contiguous(), group=group)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        start = dist.get_rank(ctx.group) * ctx.rows
+        return grad[start:start + ctx.rows], None
+
+
+def context_parallel_positions(seq_length: int, cp_size: int, cp_rank: int) -> torch.Tensor:
+    """The positions of the sequence a context-parallel rank holds, as Megatron-LM splits it
+    (get_batch_on_this_cp_rank): 2 x cp chunks, rank r the chunks r and 2 cp - 1 - r, so that
+    causal attention costs every rank the same."""
+    chunks = torch.arange(seq_length).view(2 * cp_size, -1)
+    return torch.cat([chunks[cp_rank], chunks[2 * cp_size - 1 - cp_rank]])
+
+
+class ContextParallelAttention(torch.nn.Module):
+    """Causal softmax attention across context-parallel ranks, on CPU: a stand-in for Transformer
+    Engine's context-parallel attention (Megatron's local DotProductAttention has none).
+
+    Each rank holds the queries, keys and values of its positions (`context_parallel_positions`);
+    the keys and values of all ranks are gathered, and a query attends to every key at or
+    before its position: softmax(q k^T / sqrt(d)) v.
+    """
+
+    def __init__(self, config, layer_number, attn_mask_type, attention_type, *args, **kwargs):
+        super().__init__()
+        from megatron.core import parallel_state
+
+        self.heads = config.num_attention_heads // config.tensor_model_parallel_size
+        self.scale = kwargs.get("softmax_scale") or config.kv_channels ** -0.5
+        self.group = parallel_state.get_context_parallel_group()
+
+    def forward(self, query, key, value, attention_mask, *args, **kwargs):
+        """query, key, value: [s, b, n, d] of this rank's positions -> [s, b, n * d]."""
+        cp_size, cp_rank = dist.get_world_size(self.group), dist.get_rank(self.group)
+        local = query.shape[0]
+        positions = [context_parallel_positions(local * cp_size, cp_size, r)
+                     for r in range(cp_size)]
+        key, value = (_GatherSequence.apply(x, self.group) for x in (key, value))
+        key, value = (x.repeat_interleave(self.heads // x.shape[2], dim=2) for x in (key, value))
+        visible = positions[cp_rank].unsqueeze(1) >= torch.cat(positions).unsqueeze(0)  # [sq, sk]
+        scores = torch.einsum("qbnd,kbnd->bnqk", query.float(), key.float()) * self.scale
+        probs = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1).to(value.dtype)
+        context = torch.einsum("bnqk,kbnd->qbnd", probs, value)
+        return context.reshape(local, query.shape[1], -1)
+
+
+class SequenceParallelLayerNorm(torch.nn.LayerNorm):
+    """torch's LayerNorm with its weight and bias marked `sequence_parallel`, as Apex's
+    FusedLayerNorm marks them (absent here; Megatron's WrappedTorchNorm refuses sequence
+    parallelism): finalize_model_grads then sums their gradients over tensor parallel, where
+    each rank normalised other tokens."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **kwargs):
+        super().__init__(hidden_size, eps=eps)
+        for param in (self.weight, self.bias):
+            setattr(param, "sequence_parallel", config.sequence_parallel)
+
+
+def wrap_megatron_ddp(chunks: list, grad_scale: Optional[float] = None) -> list:
+    """Megatron's DistributedDataParallel around each model chunk, with the schedule hooks that
+    Megatron-LM's `train()` installs: no_sync_func / grad_sync_func (gradient all-reduce
+    overlapped with the backward), finalize_model_grads_func (DP all-reduce, sequence-parallel
+    and embedding all-reduces, per-token scaling), and grad_scale_func when `grad_scale` is
+    given (what the optimizer's loss scaler does; divide the gradients by it after the step, as
+    the optimizer unscales them). Gradients end up in each parameter's `main_grad`.
+    """
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+
+    install_cuda_runtime_shims()  # 0.19's gradient buffers order their all-reduce by streams
+    config = chunks[0].config
+    ddp_config = DistributedDataParallelConfig(overlap_grad_reduce=True)
+    # As Megatron-LM: one bucket for every chunk after the first.
+    model = [DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=index > 0)
+             for index, chunk in enumerate(chunks)]
+    config.no_sync_func = [chunk.no_sync for chunk in model]
+    config.grad_sync_func = [chunk.start_grad_sync for chunk in model]
+    if len(model) == 1:
+        config.no_sync_func, config.grad_sync_func = config.no_sync_func[0], \
+            config.grad_sync_func[0]
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = None if grad_scale is None else (lambda loss: loss * grad_scale)
+    return model

@@ -1,0 +1,214 @@
+"""Every parallel layout against the independent single-process reference, trained through
+Megatron's own gradient path (tests/layout_workers.py): DistributedDataParallel with the
+all-reduce overlapped with the backward, finalize_model_grads, the schedules' loss scaling.
+
+Layouts: TP 2 with sequence parallelism, CP 2, EP 2 (allgather dispatcher), PP 2 with 1F1B and
+with the interleaved schedule (VPP 2); on 8 ranks TP 2 x PP 2 x DP 2 (1F1B and interleaved) and
+TP 2 x CP 2 x DP 2 with EP 2; pipeline stages without MoE layers at every scope. A router's
+gradient is compared with the gradient of the reference's LBL (reference.py: plain torch on the
+concatenated global batch) on the inputs the router got on every rank: the language-model loss
+is multiplied by 0 and the experts' output weights are 0, so each router's gradient is its own
+layer's LBL gradient.
+"""
+
+import pytest
+import torch
+
+import layout_workers
+import reference
+from megatron_gbl_lab.harness import run_gloo
+
+TOPK, COEFF = 2, 1e-2  # harness.moe_config's
+MAX_REL_ERR = 1e-5
+ROUTER_RUN = dict(microbatches=4, seq=8, bsz=2, lm_loss=False, isolate_routers=True,
+                  steps=[("dp", {}), ("global", {})], config=dict(num_layers=2))
+PIPELINED = dict(num_layers=4)
+LBL_SCOPES = [(scope, {}) for scope in ("micro", "seq", "dp", "global", "shuffle")]
+AUX_FREE = dict(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+                moe_router_bias_update_rate=1e-2, moe_router_load_balancing_type="none",
+                moe_aux_loss_coeff=0.0)
+# The language-model loss too, every parameter's gradient: for schedule against schedule.
+WHOLE_MODEL = dict(ROUTER_RUN, lm_loss=True, isolate_routers=False, all_grads=True,
+                   steps=[("global", {})], config=PIPELINED)
+
+
+def layout(**spec):
+    return ("layout_steps", dict(ROUTER_RUN, **spec))
+
+
+TWO_RANKS = {
+    # Loss forms: "mean" is Megatron's (loss, info), scaled by CP / micro-batches; "tokens" is
+    # (loss sum, tokens, info) averaged by the schedule; "per_token" divides by the global
+    # token count in finalize_model_grads. grad_scale is the loss scaler's factor.
+    "TP 2 + SP": layout(layout=dict(tp=2), loss="mean", grad_scale=8.0),
+    "CP 2": layout(layout=dict(cp=2), loss="mean"),
+    "EP 2": layout(layout=dict(ep=2), loss="per_token", grad_scale=4.0),
+    "no pipelining": ("layout_steps", dict(WHOLE_MODEL, layout={})),
+    "batched p2p": ("batched_p2p_pairing", {}),
+}
+FOUR_RANKS = {
+    "PP 2 1F1B": layout(layout=dict(pp=2), loss="tokens", grad_scale=4.0, config=PIPELINED),
+    "PP 2 interleaved (VPP 2)": layout(layout=dict(pp=2, vpp=2), loss="per_token",
+                                       config=PIPELINED),
+    "interleaved, whole model": ("layout_steps", dict(WHOLE_MODEL, layout=dict(pp=2, vpp=2))),
+    "CP 2 x DP 2, whole model": ("layout_steps", dict(WHOLE_MODEL, layout=dict(cp=2))),
+    # Stages without MoE layers. 1F1B: layer 1 dense, so stage 0 has none.
+    "dense stage": layout(layout=dict(pp=2), steps=LBL_SCOPES,
+                          config=dict(num_layers=2, moe_layer_freq=[0, 1])),
+    "dense stage, expert bias": layout(
+        layout=dict(pp=2), steps=[(s, {}) for s in ("micro", "dp", "global")],
+        config=dict(AUX_FREE, num_layers=2, moe_layer_freq=[0, 1])),
+    # Interleaved: layers 1 and 3 (pipeline rank 0, both chunks) dense.
+    "dense rank, interleaved": layout(layout=dict(pp=2, vpp=2), steps=LBL_SCOPES,
+                                      config=dict(num_layers=4, moe_layer_freq=[0, 1, 0, 1])),
+    "dense rank, interleaved, expert bias": layout(
+        layout=dict(pp=2, vpp=2), steps=[(s, {}) for s in ("micro", "dp", "global")],
+        config=dict(AUX_FREE, num_layers=4, moe_layer_freq=[0, 1, 0, 1])),
+    # Uneven stages: stage 0 holds the one dense layer, stage 1 the two MoE layers.
+    "uneven stages": layout(layout=dict(pp=2), steps=[("global", {})],
+                            config=dict(num_layers=3, moe_layer_freq=[0, 1, 1],
+                                        num_layers_in_first_pipeline_stage=1)),
+    "dense model": ("dense_model_error", dict(pp=2)),
+}
+EIGHT_RANKS = {
+    "TP 2 x PP 2 x DP 2": layout(layout=dict(tp=2, pp=2), loss="tokens", config=PIPELINED),
+    "TP 2 x PP 2 (VPP 2) x DP 2": layout(layout=dict(tp=2, pp=2, vpp=2), loss="mean",
+                                         grad_scale=2.0, config=PIPELINED),
+    "TP 2 x CP 2 x DP 2, EP 2": layout(layout=dict(tp=2, cp=2, ep=2), loss="mean"),
+}
+
+
+def _run(calls: dict, world_size: int) -> dict:
+    per_rank = run_gloo(layout_workers.runs, world_size, list(calls.values()))
+    return {label: [rank_results[i] for rank_results in per_rank]
+            for i, label in enumerate(calls)}
+
+
+@pytest.fixture(scope="module")
+def two_ranks():
+    return _run(TWO_RANKS, 2)
+
+
+@pytest.fixture(scope="module")
+def four_ranks():
+    return _run(FOUR_RANKS, 4)
+
+
+def rel_err(actual, expected):
+    return float((actual.double() - expected).norm() / expected.norm())
+
+
+def reference_loss(scope: str, hidden: list):
+    """The step's LBL at `scope` as a function of the router weight; hidden[k][r] is rank r's
+    router input of micro-batch k (every rank of the stage holds distinct tokens; for micro and
+    seq, as used here, each rank is its own TP x CP group)."""
+    if scope in ("dp", "global"):
+        return lambda weight: reference.global_batch_lbl(
+            weight, hidden, None, TOPK, COEFF, buffered=scope == "global")[0]
+    per_call = {"micro": reference.micro_batch_lbl, "seq": reference.sequence_lbl}[scope]
+    # Megatron's DDP averages the ranks' gradients, the schedule the micro-batches'.
+    return lambda weight: torch.stack([per_call(weight, h, TOPK, COEFF)
+                                       for ranks in hidden for h in ranks]).mean()
+
+
+def router_errors(per_rank: list, step: int, scope: str, microbatches: int) -> dict:
+    """Per MoE layer: the largest relative error, over the ranks that hold it, of the router
+    gradient against the reference's."""
+    holders = {}
+    for results in per_rank:
+        for layer, router in results[step]["routers"].items():
+            holders.setdefault(layer, []).append(router)
+    errors = {}
+    for layer, routers in holders.items():
+        weight = routers[0]["weight"]
+        assert all(torch.equal(r["weight"], weight) for r in routers), layer
+        assert all(len(r["inputs"]) == microbatches for r in routers), layer
+        hidden = [[r["inputs"][k] for r in routers] for k in range(microbatches)]
+        expected = reference.grad_of(reference_loss(scope, hidden), weight)
+        assert expected.abs().sum() > 0
+        errors[layer] = max(rel_err(r["grad"], expected) for r in routers)
+    return errors
+
+
+def check_against_reference(label: str, per_rank: list, spec: dict) -> None:
+    for step, (scope, _) in enumerate(spec["steps"]):
+        if scope == "shuffle":  # a random draw, no closed-form reference: it trains the routers
+            assert all(router["grad"].abs().sum() > 0 for results in per_rank
+                       for router in results[step]["routers"].values()), label
+            continue
+        per_layer = router_errors(per_rank, step, scope, spec["microbatches"])
+        assert per_layer, f"{label}: no MoE layer"
+        print(f"\n{label}, scope {scope}: rel. err. per MoE layer "
+              + ", ".join(f"{layer}: {err:.1e}" for layer, err in sorted(per_layer.items())))
+        assert max(per_layer.values()) <= MAX_REL_ERR, (label, scope, per_layer)
+
+
+@pytest.mark.parametrize("label", ["TP 2 + SP", "CP 2", "EP 2"])
+def test_two_rank_layouts_match_reference(two_ranks, label):
+    check_against_reference(label, two_ranks[label], TWO_RANKS[label][1])
+
+
+@pytest.mark.parametrize("label", ["PP 2 1F1B", "PP 2 interleaved (VPP 2)"])
+def test_pipeline_schedules_match_reference(four_ranks, label):
+    check_against_reference(label, four_ranks[label], FOUR_RANKS[label][1])
+
+
+def test_eight_rank_layouts_match_reference():
+    results = _run(EIGHT_RANKS, 8)
+    for label, per_rank in results.items():
+        check_against_reference(label, per_rank, EIGHT_RANKS[label][1])
+
+
+@pytest.mark.parametrize("label", ["interleaved, whole model", "CP 2 x DP 2, whole model"])
+def test_layout_gives_the_gradients_of_data_parallel_alone(two_ranks, four_ranks, label):
+    """Every parameter's gradient, with the language-model loss, of the same 4-layer model on the
+    same data at DP 2 alone and at PP 2 (interleaved schedule) or CP 2 (harness attention)."""
+    def merged(per_rank):
+        grads = {}
+        for results in per_rank:
+            grads.update(results[0]["grads"])
+        return grads
+
+    flat, other = merged(two_ranks["no pipelining"]), merged(four_ranks[label])
+    assert other.keys() == flat.keys()
+    assert any("router" in name for name in flat)
+    for name, grad in flat.items():
+        torch.testing.assert_close(other[name], grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_megatron_core_default_batched_p2p_swaps_messages_at_pp2(two_ranks):
+    """Why the harness runs the interleaved schedule with Megatron-LM's p2p settings: with
+    Megatron-Core's default batch_p2p_comm, rank 0 receives rank 1's gradient as the activation
+    from its previous rank and the activation as the gradient from its next rank."""
+    received = two_ranks["batched p2p"]
+    assert received[0] == {"from_previous": 11.0, "from_next": 12.0}  # not 12 and 11
+    assert received[1] == {"from_previous": 1.0, "from_next": 2.0}
+
+
+@pytest.mark.parametrize("label", ["dense stage", "dense rank, interleaved", "uneven stages"])
+def test_stages_without_moe_layers_train_at_every_scope(four_ranks, label):
+    per_rank, spec = four_ranks[label], FOUR_RANKS[label][1]
+    assert any(not results[0]["routers"] for results in per_rank)  # a rank without MoE layers
+    check_against_reference(label, per_rank, spec)
+
+
+@pytest.mark.parametrize("label", ["dense stage, expert bias",
+                                   "dense rank, interleaved, expert bias"])
+def test_stages_without_moe_layers_update_expert_bias(four_ranks, label):
+    per_rank = four_ranks[label]
+    assert any(not results[0]["routers"] for results in per_rank)
+    for step, (scope, _) in enumerate(FOUR_RANKS[label][1]["steps"]):
+        biases = {}
+        for results in per_rank:
+            for layer, router in results[step]["routers"].items():
+                biases.setdefault(layer, []).append(router["expert_bias"])
+        assert biases, label
+        for layer, values in biases.items():
+            assert values[0].abs().sum() > 0, (label, scope, layer)
+            for value in values[1:]:  # one bias per layer on all its ranks
+                assert torch.equal(value, values[0]), (label, scope, layer)
+
+
+def test_model_without_moe_layers_is_rejected_on_every_stage(four_ranks):
+    for message in four_ranks["dense model"]:
+        assert "the model has no MoE layer" in message, message
