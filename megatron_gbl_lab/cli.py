@@ -81,6 +81,11 @@ def _parser() -> argparse.ArgumentParser:
                       help="bytes per sequence (default: %(default)s)")
     demo.add_argument("--eval-sequences", type=int, default=defaults.eval_sequences,
                       help="held-out sequences per domain (default: %(default)s)")
+    demo.add_argument("--device-groups", type=int, default=defaults.device_groups,
+                      help="expert-parallel devices to simulate for the device-level LBL "
+                           "(+device runs) and the micro-batch device load violation: the "
+                           "experts in that many groups, the tokens of that many consecutive "
+                           "ranks in one all-to-all (default: %(default)s)")
     demo.add_argument("--eval-checkpoints", type=int, default=defaults.eval_checkpoints,
                       help="held-out loss: the mean over this many last checkpoints, 5%% of "
                            "training apart (default: %(default)s)")
@@ -127,7 +132,8 @@ def _demo(args) -> int:
     settings = DemoSettings(
         steps=args.steps, ranks=args.ranks, seed=seeds[0], microbatches=args.microbatches,
         micro_batch_size=args.micro_batch_size, seq_length=args.seq_length,
-        eval_sequences=args.eval_sequences, eval_checkpoints=args.eval_checkpoints)
+        eval_sequences=args.eval_sequences, eval_checkpoints=args.eval_checkpoints,
+        device_groups=args.device_groups)
     check_settings(settings)
     scopes = parse_scopes(args.scopes, settings)
     if (args.train_data is None) != (args.valid_data is None):

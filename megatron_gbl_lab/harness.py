@@ -111,6 +111,22 @@ def uninstall_cpu_shims() -> None:
         setattr(owner, name, value)
 
 
+def simulate_expert_parallel_token_groups(size: int) -> None:
+    """The plugin's device statistics as under expert parallelism of `size`, without sharding
+    the experts: blocks of `size` consecutive ranks become the token group of one all-to-all
+    (megatron_gbl.compat.token_group; with real expert parallelism it is the dispatcher's
+    tp_ep group, `size` consecutive data-parallel ranks at TP 1). Only the device-level LBL and
+    micro_batch_device_load_violation read that group; routing, dispatch and the experts stay
+    as they are. A collective (every rank builds every block); reversed by uninstall_cpu_shims.
+    """
+    from megatron_gbl import compat
+
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    blocks = [dist.new_group(list(range(start, start + size)))
+              for start in range(0, world_size, size)]
+    _set(compat, "token_group", lambda moe_layer, group=blocks[rank // size]: group)
+
+
 def run_gloo(fn: Callable, world_size: int, *args, timeout_s: float = 600.0) -> list:
     """Run `fn(rank, world_size, *args)` in `world_size` fresh processes joined by gloo.
 

@@ -66,15 +66,17 @@ def selection_heatmaps(frequency: dict, domains: list[str], uniform: float, path
 def training_curves(curves: dict, path: str) -> None:
     """Fig. 3 style, moving averages per step, one colour per run (one line per seed): LM loss,
     the micro- and global-batch LBL (runs with an LBL: aux-free runs have none) and the micro-
-    and global-batch load violation max_i c_i / mean_i c_i - 1 (every run). curves: run label ->
-    one dict per seed of per-step lists "loss", "micro_load_violation",
-    "global_load_violation", and with an LBL "micro_lbl", "global_lbl"."""
+    and global-batch load violation max_i c_i / mean_i c_i - 1 (every run), also over devices.
+    curves: run label -> one dict per seed of per-step lists "loss", "micro_load_violation",
+    "global_load_violation", "micro_device_load_violation", and with an LBL "micro_lbl",
+    "global_lbl"."""
     plt = _pyplot()
     from matplotlib.lines import Line2D
 
     fig, (loss_ax, lbl_ax, violation_ax) = plt.subplots(1, 3, figsize=(15, 4.2),
                                                         constrained_layout=True)
-    batch_styles = (("global", "-", "global batch"), ("micro", "--", "micro-batch"))
+    batch_styles = (("global", "-", "global batch"), ("micro", "--", "micro-batch"),
+                    ("micro_device", ":", "micro-batch, over devices"))
     colors = _run_colors(len(curves))
     for color, (label, per_seed) in zip(colors, curves.items()):
         width = 1.5 if len(per_seed) == 1 else 0.8
@@ -191,7 +193,7 @@ def demo_figures(results: dict, out_dir: str) -> dict:
     first = next(iter(routing.values()))
     files = {name: os.path.join(out_dir, file) for name, file in (
         ("heatmaps", "selection_heatmaps.png"), ("curves", "training_curves.png"),
-        ("topk", "topk_score_sums.png"))}
+        ("topk", "topk_score_sums.png"), ("trade", "device_trade.png"))}
     seed_note = f" (seed {seeds[0]})" if len(seeds) > 1 else ""
     selection_heatmaps({label + seed_note: r["selection_frequency"]
                         for label, r in routing.items()},
@@ -201,15 +203,41 @@ def demo_figures(results: dict, out_dir: str) -> dict:
                      for label in first_seed}, files["curves"])
     topk_score_sums({label + seed_note: r["topk_score_sum"] for label, r in routing.items()},
                     results["domains"], first["uniform_topk_score_sum"], files["topk"])
+    device_trade(results, files["trade"])
     if len(seeds) > 1:
         files["seeds"] = os.path.join(out_dir, "seeds.png")
         seed_points(results, SEED_POINT_METRICS, files["seeds"])
     return files
 
 
+def device_trade(results: dict, path: str) -> None:
+    """Specialisation against what an all-to-all waits on: per run, MI(domain; expert) over the
+    micro-batch device load violation (training, last 10%), one small point per seed and a large
+    one at the mean over seeds, labelled with the run and its mean held-out loss."""
+    plt = _pyplot()
+    metric = {metric.name: metric for metric in METRICS}
+    x_metric, y_metric = metric["micro_device_load_violation"], metric["mi_bits"]
+    labels = list(results["summary"])
+    fig, ax = plt.subplots(figsize=(7.5, 5.0), constrained_layout=True)
+    for color, label in zip(_run_colors(len(labels)), labels):
+        runs = [results["per_seed"][str(seed)]["scopes"][label] for seed in results["seeds"]]
+        ax.scatter([x_metric.value(run) for run in runs], [y_metric.value(run) for run in runs],
+                   color=color, s=12, alpha=0.6)
+        summary = results["summary"][label]
+        x, y = summary[x_metric.name]["mean"], summary[y_metric.name]["mean"]
+        ax.scatter([x], [y], color=color, s=70, edgecolors="black", zorder=3)
+        ax.annotate(f"{label}\nloss {summary['heldout_loss_mean']['mean']:.4f}", (x, y),
+                    textcoords="offset points", xytext=(6, 4), fontsize=7)
+    ax.set(xlabel=f"{x_metric.title} (0 = balanced devices)", ylabel=y_metric.title,
+           title=f"specialisation vs device load, {results['settings']['device_groups']} "
+                 f"simulated devices, {len(results['seeds'])} seed(s); small points: seeds")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 # The summary's numbers drawn one point per seed (report.METRICS names).
 SEED_POINT_METRICS = ("heldout_loss_mean", "mi_bits", "micro_load_violation",
-                      "global_load_violation")
+                      "global_load_violation", "micro_device_load_violation")
 
 
 def seed_points(results: dict, metric_names: tuple, path: str) -> None:

@@ -89,6 +89,8 @@ METRIC_VALUES = {
     "global_lbl": lambda run: _mean(run["routing"]["global_lbl"]),
     "micro_load_violation": lambda run: final_mean(run["train_curves"]["micro_load_violation"]),
     "global_load_violation": lambda run: final_mean(run["train_curves"]["global_load_violation"]),
+    "micro_device_load_violation": lambda run: final_mean(
+        run["train_curves"]["micro_device_load_violation"]),
     "seconds_per_step": lambda run: run["seconds_per_step"],
 }
 METRICS = (
@@ -99,6 +101,8 @@ METRICS = (
     Metric("global_lbl", "LBL global-batch, held-out", 3, True),
     Metric("micro_load_violation", "load violation, micro-batch, training, last 10%", 3, True),
     Metric("global_load_violation", "load violation, global batch, training, last 10%", 3, True),
+    Metric("micro_device_load_violation",
+           "device load violation, micro-batch, training, last 10%", 3, True),
     Metric("seconds_per_step", "seconds per step", 3, True),
 )
 

@@ -38,6 +38,7 @@ class DemoSettings:
     seed: int = 0
     eval_sequences: int = 128    # held-out sequences per domain
     eval_checkpoints: int = 3    # held-out loss: the mean over this many last checkpoints
+    device_groups: int = 4       # simulated expert-parallel devices (harness: token groups)
 
     def model_overrides(self, aux_free: bool = False, bias_rate_factor: float = 1.0) -> dict:
         """harness.moe_config keyword arguments of the demo model (saved with it).
@@ -63,6 +64,7 @@ class DemoSettings:
 AUX_FREE_PREFIX = "auxfree-"
 SWITCH_WORD = "-then-"
 DEFAULT_MICRO_RATIO = 0.01  # paper Tab. 5: the micro-batch LBL at 1% of the main LBL's weight
+DEFAULT_DEVICE_RATIO = 1.0  # +device: the device-level LBL at the main LBL's weight
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,8 @@ class ScopeSpec:
     matched_updates: aux-free at micro or dp: the bias rate divided by the micro-batches per
         step, so that its once-per-micro-batch updates move the bias at most as far per step
         as global's one update (the matched comparison isolates the scope of the load).
+    device_ratio: weight of the device-level LBL (per micro-batch, over the simulated
+        expert-parallel devices) as a fraction of the demo's aux_loss_coeff (0: none).
     """
 
     label: str = field(compare=False)
@@ -88,6 +92,7 @@ class ScopeSpec:
     switch_scope: Optional[str] = None
     switch_step: Optional[int] = None
     matched_updates: bool = False
+    device_ratio: float = 0.0
 
     @property
     def dirname(self) -> str:
@@ -105,6 +110,8 @@ class ScopeSpec:
             method = "LBL"
         if self.micro_ratio:
             method += f" + {100 * self.micro_ratio:g}% micro"
+        if self.device_ratio:
+            method += f" + {100 * self.device_ratio:g}% device"
         if self.switch_scope is not None:
             method += f", {self.scope}→{self.switch_scope}@{self.switch_step}"
         return method
@@ -118,7 +125,9 @@ class ScopeSpec:
         return dict(sync_group_size=self.sync_group_size,
                     micro_coeff=self.micro_ratio * settings.aux_loss_coeff,
                     switch_scope=self.switch_scope, switch_iteration=self.switch_step,
-                    shuffle_seed=settings.seed)
+                    shuffle_seed=settings.seed,
+                    device_coeff=self.device_ratio * settings.aux_loss_coeff,
+                    device_groups=settings.device_groups)
 
     def enable_plugin(self, model, settings: DemoSettings) -> None:
         import megatron_gbl
@@ -136,7 +145,9 @@ def scopes_usage(ranks: int) -> str:
         "auxfree-dp+matched, auxfree-dp:N+matched (the bias rate divided by --microbatches: "
         "per step, as far as auxfree-global's one update); dp, global, dp:N or global:N "
         "followed by +micro or +micro=R (plus a micro-batch LBL at R times the LBL weight, "
-        f"default {DEFAULT_MICRO_RATIO:g}); A-then-B@S (A for the first S steps, 1 <= S < "
+        f"default {DEFAULT_MICRO_RATIO:g}); an LBL scope followed by +device or +device=R (plus "
+        "the device-level LBL over the --device-groups simulated devices at R times the LBL "
+        f"weight, default {DEFAULT_DEVICE_RATIO:g}); A-then-B@S (A for the first S steps, 1 <= S < "
         "--steps, then B; both LBL runs or both auxfree-), e.g. --scopes "
         "micro,global,auxfree-global,shuffle,global+micro,micro-then-global@250"
     )
@@ -188,6 +199,9 @@ def _switch(first: ScopeSpec, then: ScopeSpec, switch_step: int, label: str,
     if first.matched_updates or then.matched_updates:
         raise ValueError(f"--scopes: {label!r}: +matched sets the model's bias rate, which one "
                          f"run cannot change half-way; drop +matched from the switch; {usage}")
+    if first.device_ratio or then.device_ratio:
+        raise ValueError(f"--scopes: {label!r}: +device is not switched with the scope; run it "
+                         f"without a switch, e.g. global+device; {usage}")
     if first.scope == then.scope:
         raise ValueError(f"--scopes: {label!r} switches from {first.scope} to {then.scope}; "
                          f"switch to another scope, or drop the switch; {usage}")
@@ -202,8 +216,8 @@ def _switch(first: ScopeSpec, then: ScopeSpec, switch_step: int, label: str,
 
 
 def _parse_phase(text: str, label: str, ranks: int, usage: str) -> ScopeSpec:
-    """[auxfree-]SCOPE[:N][+micro[=R] | +matched], the whole run `label` or one half of its
-    switch."""
+    """[auxfree-]SCOPE[:N][+micro[=R] | +device[=R] | +matched], the whole run `label` or one
+    half of its switch."""
     base, plus, addition = text.partition("+")
     aux_free = base.startswith(AUX_FREE_PREFIX)
     name, colon, size = base.removeprefix(AUX_FREE_PREFIX).partition(":")
@@ -223,6 +237,12 @@ def _parse_phase(text: str, label: str, ranks: int, usage: str) -> ScopeSpec:
                 f"that updates every micro-batch; use auxfree-micro+matched or "
                 f"auxfree-dp+matched; {usage}")
         return ScopeSpec(label, name, sync_group_size, aux_free, matched_updates=True)
+    if addition.partition("=")[0] == "device":
+        device_ratio = _ratio(addition, DEFAULT_DEVICE_RATIO, label, usage)
+        if aux_free:
+            raise ValueError(f"--scopes: {label!r}: +device adds a device-level LBL, and auxfree- "
+                             f"runs have no LBL; drop +device or auxfree-; {usage}")
+        return ScopeSpec(label, name, sync_group_size, aux_free, device_ratio=device_ratio)
     micro_ratio = _micro_ratio(addition, name, aux_free, label, usage) if plus else 0.0
     return ScopeSpec(label, name, sync_group_size, aux_free, micro_ratio)
 
@@ -241,10 +261,10 @@ def _sync_group_size(size: str, name: str, label: str, ranks: int, usage: str) -
 
 def _micro_ratio(addition: str, name: str, aux_free: bool, label: str, usage: str) -> float:
     """R of SCOPE+micro=R (DEFAULT_MICRO_RATIO for +micro): only beside a dp or global LBL."""
-    word, equals, ratio = addition.partition("=")
+    word = addition.partition("=")[0]
     if word != "micro":
         raise ValueError(f"--scopes: {label!r}: '+{addition}' is unknown; the additions are "
-                         f"+micro, +micro=R and +matched; {usage}")
+                         f"+micro, +micro=R, +device, +device=R and +matched; {usage}")
     if aux_free:
         raise ValueError(f"--scopes: {label!r}: +micro adds a micro-batch LBL, and auxfree- runs "
                          f"have no LBL; drop +micro or auxfree-; {usage}")
@@ -253,12 +273,19 @@ def _micro_ratio(addition: str, name: str, aux_free: bool, label: str, usage: st
                          f"+micro: it adds a micro-batch LBL beside their LBL over several "
                          f"micro-batches, which {name} does not have; use e.g. global+micro; "
                          f"{usage}")
+    return _ratio(addition, DEFAULT_MICRO_RATIO, label, usage)
+
+
+def _ratio(addition: str, default: float, label: str, usage: str) -> float:
+    """R of +WORD=R (`default` for +WORD): a decimal number > 0, a weight as a fraction of the
+    LBL's."""
+    word, equals, ratio = addition.partition("=")
     if not equals:
-        return DEFAULT_MICRO_RATIO
+        return default
     if not re.fullmatch(r"[0-9]*\.?[0-9]+", ratio) or float(ratio) == 0:
-        raise ValueError(f"--scopes: {label!r}: R in +micro=R must be a decimal number > 0 (the "
-                         f"micro-batch LBL's weight as a fraction of the {name} LBL's), e.g. "
-                         f"{name}+micro=0.1; {usage}")
+        raise ValueError(f"--scopes: {label!r}: R in +{word}=R must be a decimal number > 0 (the "
+                         f"added LBL's weight as a fraction of the main LBL's), e.g. "
+                         f"+{word}=0.1; {usage}")
     return float(ratio)
 
 
@@ -290,9 +317,15 @@ def check_settings(settings: DemoSettings) -> None:
                         ("--micro-batch-size", settings.micro_batch_size),
                         ("--seq-length", settings.seq_length),
                         ("--eval-sequences", settings.eval_sequences),
-                        ("--eval-checkpoints", settings.eval_checkpoints)):
+                        ("--eval-checkpoints", settings.eval_checkpoints),
+                        ("--device-groups", settings.device_groups)):
         if value < 1:
             raise ValueError(f"{flag} {value}: must be at least 1")
+    if settings.ranks % settings.device_groups or settings.num_experts % settings.device_groups:
+        raise ValueError(
+            f"--device-groups {settings.device_groups}: the simulated expert-parallel size must "
+            f"divide --ranks {settings.ranks} (one all-to-all exchanges the tokens of that many "
+            f"consecutive ranks) and the {settings.num_experts} experts; pick a divisor of both")
 
 
 def model_directory(out_dir: str, spec: ScopeSpec, seed: int, num_seeds: int) -> str:

@@ -27,13 +27,15 @@ from megatron_gbl_lab.runs import DemoSettings, ScopeSpec, model_directory
 # Training curves besides the LM loss, by the megatron_gbl.step_metrics value they record.
 CURVE_METRICS = {"micro_lbl": metrics.MICRO_LBL, "global_lbl": metrics.GLOBAL_LBL,
                  "micro_load_violation": metrics.MICRO_LOAD_VIOLATION,
-                 "global_load_violation": metrics.GLOBAL_LOAD_VIOLATION}
+                 "global_load_violation": metrics.GLOBAL_LOAD_VIOLATION,
+                 "micro_device_load_violation": metrics.MICRO_DEVICE_LOAD_VIOLATION}
 
 
 def train_scopes(rank: int, world_size: int, job: dict) -> dict:
     """Rank body (spawned by harness.run_gloo): train and evaluate every scope at every seed,
     seed by seed. Returns {seed: {label: run}}."""
     harness.init_model_parallel()
+    harness.simulate_expert_parallel_token_groups(job["settings"].device_groups)
     return {seed: {spec.label: _train_and_evaluate(rank, world_size, spec, seed, job)
                    for spec in job["scopes"]}
             for seed in job["seeds"]}

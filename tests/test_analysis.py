@@ -239,6 +239,9 @@ ABLATIONS = {
     "seq-then-global:2+micro@499": (
         "seq-then-global-2+micro@499", "LBL + 1% micro, seq→global@499", "seq",
         dict(switch_scope="global", switch_iteration=499, sync_group_size=2, micro_coeff=1e-4)),
+    "global+device": ("global+device", "LBL + 100% device", "global", dict(device_coeff=1e-2)),
+    "micro+device=0.3": ("micro+device=0.3", "LBL + 30% device", "micro",
+                         dict(device_coeff=3e-3)),
 }
 
 
@@ -247,7 +250,8 @@ def test_parse_scopes_ablations():
     specs = parse_scopes(",".join(ABLATIONS), settings)
     assert [spec.label for spec in specs] == list(ABLATIONS)
     defaults = dict(sync_group_size=None, micro_coeff=0.0, switch_scope=None,
-                    switch_iteration=None, shuffle_seed=settings.seed)
+                    switch_iteration=None, shuffle_seed=settings.seed, device_coeff=0.0,
+                    device_groups=settings.device_groups)
     for spec, (dirname, method, scope, arguments) in zip(specs, ABLATIONS.values()):
         assert (spec.dirname, spec.method, spec.scope) == (dirname, method, scope), spec.label
         assert spec.enable_arguments(settings) == pytest.approx({**defaults, **arguments})

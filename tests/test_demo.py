@@ -27,6 +27,7 @@ BALANCE_SEQUENCES = {
     "auxfree-global": GLOBAL_BATCH, "shuffle": MICRO_BATCH_SIZE, "global+micro": GLOBAL_BATCH,
     "micro-then-global@2": GLOBAL_BATCH,  # micro for 2 of the 3 steps, then global
     "auxfree-micro+matched": MICRO_BATCH_SIZE,
+    "global+device": GLOBAL_BATCH,
 }
 AUX_FREE_RUNS = ("auxfree-micro", "auxfree-dp:2", "auxfree-global", "auxfree-micro+matched")
 
@@ -63,14 +64,19 @@ def test_demo_then_analyze(tmp_path, capsys):
                     if label not in AUX_FREE_RUNS}
     assert len(first_losses) == 1
     # A plugin argument that did not arrive would leave the run identical to plain global.
-    for label in ("global+micro", "micro-then-global@2"):
+    for label in ("global+micro", "micro-then-global@2", "global+device"):
         assert runs[label]["heldout_loss"] != runs["global"]["heldout_loss"], label
+    assert runs["global+device"]["method"] == "LBL + 100% device"
     lbl_curves = {"micro_lbl", "global_lbl"}
     for label, run in runs.items():
         curves = run["train_curves"]
-        assert set(curves) == {"loss", "micro_load_violation", "global_load_violation"} | (
+        assert set(curves) == {"loss", "micro_load_violation", "global_load_violation",
+                               "micro_device_load_violation"} | (
             set() if label in AUX_FREE_RUNS else lbl_curves), label
         assert all(len(curve) == 3 for curve in curves.values())
+        # 4 simulated devices of 2 experts: max / mean - 1 is at most 4 - 1.
+        assert all(0 <= value <= 3 for value in curves["micro_device_load_violation"])
+        assert any(value > 0 for value in curves["micro_device_load_violation"])
         assert all(value >= 0 for value in curves["micro_load_violation"]
                    + curves["global_load_violation"])
         assert set(run["heldout_loss"]) == set(domains)
