@@ -56,10 +56,19 @@ class ExpertBiasUpdater:
         self.step_counts: Optional[torch.Tensor] = None  # int64 [E+1], local, global scope
         self._pending = None  # (PendingSum of [c (E), T], average group), micro/dp scope
         self.balance_tokens: Optional[torch.Tensor] = None  # tokens of the last update's counts
+        self._step_start: Optional[torch.Tensor] = None  # the bias before this step's updates
 
-    def start_step(self) -> None:
+    def start_step(self, expert_bias: Optional[torch.Tensor] = None) -> None:
+        """Start a step; `expert_bias` is kept to undo the step's updates if it is discarded."""
         self.step_counts = None
         self._pending = None
+        self._step_start = None if expert_bias is None else expert_bias.detach().clone()
+
+    def restore_step_start(self, expert_bias: torch.Tensor) -> None:
+        """Undo the updates of this step (micro/dp scopes update after each micro-batch)."""
+        if self._step_start is not None:
+            with torch.no_grad():
+                expert_bias.copy_(self._step_start)
 
     def close_step(self) -> None:
         """End the step without applying anything more (finished, or discarded after a fault)."""

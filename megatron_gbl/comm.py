@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -22,10 +22,22 @@ def spans_ranks(group) -> bool:
 class _Pending:
     """A collective issued on `tensor` (the result); `wait()` returns the result.
 
-    Issuing it asynchronously lets the forward pass go on while the data travels; the first
-    `wait()` blocks until it arrived (later ones return at once). A collective that fails, for
-    example because a rank of the group died or the group's timeout ran out, raises a
-    `CollectiveError` that names it, instead of leaving a bare backend error (or a hang).
+    Issuing it asynchronously lets the forward pass go on while the data travels; `wait()`
+    blocks until it arrived. A collective that fails, for example because a rank of the group
+    died or the group's timeout ran out, raises a `CollectiveError` that names it, instead of
+    leaving a bare backend error (or a hang).
+
+    Every `wait()` waits on the work again. On NCCL, `work.wait()` blocks no host thread: it
+    makes the caller's current CUDA stream wait for the collective, so each reader of the
+    result is ordered after it on its own stream, not only the stream of the first reader (on
+    gloo a finished work returns at once). Values the plugin derives from a result (w, the
+    buffer's prefix sums, the bias update) are computed on the stream of the wait that produced
+    them; in Megatron that is the stream the step runs on, which the step's later readers
+    (finish_step, step_metrics) share: the router and its backward run on the schedule's
+    compute stream, which is the current stream (pipeline_parallel.utils.get_comp_stream;
+    0.14-0.17 fix it to the current stream at the first overlapped step), also under
+    overlap_moe_expert_parallel_comm, where only the token dispatch and combine run on the
+    communication stream.
     """
 
     def __init__(self, tensor: torch.Tensor, group, issue, blocking: bool, what: str) -> None:
@@ -40,7 +52,6 @@ class _Pending:
         if self._work is not None:
             with self._named():
                 self._work.wait()
-            self._work = None
         return self._tensor
 
     @contextlib.contextmanager
@@ -102,19 +113,77 @@ def sync_block_layout(
     return [sorted(ranks) for _, ranks in sorted(blocks.items())]
 
 
-def build_sync_block_group(
-    tp_dp_cp_group, dp_rank: int, sync_group_size: int
-) -> Optional[dist.ProcessGroup]:
-    """This rank's balance-block process group; a collective over the whole world.
+def data_parallel_ranks(
+    groups: Sequence[tuple[Sequence[int], Sequence[int]]]
+) -> list[tuple[tuple[int, ...], int]]:
+    """`(tp_dp_cp_ranks, dp_rank)` of every global rank r from `groups[r] = (tp_dp_cp_ranks,
+    tp_cp_ranks)`, its two process groups.
 
-    Every rank must call it (torch.distributed.new_group needs all ranks, members or not).
+    A data-parallel replica is one TP x CP group of a TP x DP x CP group; replicas are numbered
+    by their lowest rank, as Megatron's rank orders (tp-cp-ep-dp-pp, tp-cp-ep-pp-dp) put the
+    data-parallel rank above the tensor and context ranks.
     """
-    member = (dist.get_process_group_ranks(tp_dp_cp_group), dp_rank)
-    members: list = [None] * dist.get_world_size()
-    dist.all_gather_object(members, member)
+    replicas: dict[tuple[int, ...], set[int]] = {}
+    for tp_dp_cp, tp_cp in groups:
+        replicas.setdefault(tuple(sorted(tp_dp_cp)), set()).add(min(tp_cp))
+    order = {group: sorted(firsts) for group, firsts in replicas.items()}
+    return [(tuple(sorted(tp_dp_cp)), order[tuple(sorted(tp_dp_cp))].index(min(tp_cp)))
+            for tp_dp_cp, tp_cp in groups]
+
+
+def build_sync_block_group(tp_dp_cp_group, tp_cp_group, sync_group_size: int):
+    """This rank's balance-block process group, cut from its TP x DP x CP group; a collective
+    over the whole world.
+
+    Every rank must call it (torch.distributed.new_group needs all ranks, members or not). The
+    blocks get the timeout and NCCL options of `tp_dp_cp_group` (`group_settings`).
+    """
+    groups: list = [None] * dist.get_world_size()
+    dist.all_gather_object(groups, (dist.get_process_group_ranks(tp_dp_cp_group),
+                                    dist.get_process_group_ranks(tp_cp_group)))
+    settings = group_settings(tp_dp_cp_group)
     own = None
-    for ranks in sync_block_layout(members, sync_group_size):
-        group = dist.new_group(ranks)
+    for ranks in sync_block_layout(data_parallel_ranks(groups), sync_group_size):
+        group = dist.new_group(ranks, **settings)
         if dist.get_rank() in ranks:
             own = group
     return own
+
+
+# What Megatron's parallel_state.get_nccl_options sets (0.12-0.19) from
+# --nccl-communicator-config-path, besides is_high_priority_stream.
+_NCCL_CONFIG_FIELDS = ("cga_cluster_size", "max_ctas", "min_ctas", "net_name")
+
+
+def group_settings(group) -> dict:
+    """new_group keyword arguments that make a group like `group`: its timeout (Megatron's
+    --distributed-timeout-minutes for the groups of initialize_model_parallel) and, on NCCL, its
+    options. Empty where this torch cannot tell (torch's defaults then)."""
+    settings = {}
+    for device_type in getattr(group, "_device_types", ()):
+        options = getattr(group._get_backend(torch.device(device_type)), "options", None)
+        if options is None:
+            continue
+        settings["timeout"] = options._timeout
+        nccl = getattr(dist, "ProcessGroupNCCL", None)
+        if nccl is not None and isinstance(options, nccl.Options):
+            settings["pg_options"] = nccl_options_like(options)
+    return settings
+
+
+def nccl_options_like(options):
+    """A fresh ProcessGroupNCCL.Options with the stream priority and communicator config of
+    `options`. Not a copy: new_group keeps another group's split source and ranks on a copy."""
+    like = type(options)(is_high_priority_stream=options.is_high_priority_stream)
+    for name in _NCCL_CONFIG_FIELDS:
+        value = getattr(options.config, name)
+        if value is not None:
+            setattr(like.config, name, value)
+    return like
+
+
+def destroy_group(group) -> None:
+    """Destroy a group this plugin made; every member calls it (a no-op once torch.distributed
+    is shut down, which destroyed it already)."""
+    if group is not None and dist.is_initialized():
+        dist.destroy_process_group(group)

@@ -258,3 +258,71 @@ def aux_loss_backward_scale(router, num_local_tokens):
     if router.config.calculate_per_token_loss:
         scale = num_local_tokens if scale is None else scale * num_local_tokens
     return scale
+
+
+# Per-layer CUDA-graph capture modules that leave every MoE router out of the graphs, by
+# implementation. Transformer Engine's graphs (TransformerLayer._te_cuda_graph_capture, 0.12-0.19)
+# capture what the modules name: "attn" only attention, "mlp" only dense MLPs, "mamba" only Mamba
+# layers. Megatron's local graphs wrap a whole TransformerLayer call whenever the layer gets a
+# graph manager, which "attn" gives it too (TransformerLayer.create_mcore_cudagraph_manager,
+# 0.16-0.19; before 0.16 every scope graphs whole layers, or the whole iteration).
+_ROUTER_FREE_CUDA_GRAPH_MODULES = {
+    "transformer_engine": {"attn", "mlp", "mamba"},
+    "local": {"mamba"},
+}
+
+
+def router_cuda_graphs(config) -> Optional[tuple[str, list[str]]]:
+    """(implementation, capture modules) when CUDA graphs capture MoE routers in training, else
+    None. No modules means whole layers. Works on a TransformerConfig and on Megatron-LM's args.
+
+    The implementation is cuda_graph_impl (0.15+: "none", "local", "transformer_engine", and
+    "full_iteration" from 0.18), else enable_cuda_graph ("local") or external_cuda_graph
+    ("transformer_engine") of 0.12-0.14. The modules are cuda_graph_modules (0.18+) or
+    cuda_graph_scope (a str before 0.16, a list of CudaGraphScope after; "full" is whole layers
+    and "full_iteration" a graph of the whole iteration, the 0.18 implementation).
+    """
+    impl = getattr(config, "cuda_graph_impl", None) or "none"
+    if impl == "none" and getattr(config, "enable_cuda_graph", False):
+        impl = "local"
+    if impl == "none" and getattr(config, "external_cuda_graph", False):
+        impl = "transformer_engine"
+    if impl == "none":
+        return None
+    modules = getattr(config, "cuda_graph_modules", None)
+    if modules is None:
+        modules = getattr(config, "cuda_graph_scope", None)
+    names = _cuda_graph_module_names(modules)
+    router_free = _ROUTER_FREE_CUDA_GRAPH_MODULES.get(impl, set())
+    if names and set(names) <= router_free:
+        return None
+    return impl, names
+
+
+def _cuda_graph_module_names(modules) -> list[str]:
+    if modules is None:
+        return []
+    if isinstance(modules, str):
+        modules = modules.split(",")
+    elif not isinstance(modules, (list, tuple)):
+        modules = [modules]
+    names = [getattr(module, "name", module) for module in modules]  # enum members or str
+    names = [str(name) for name in names if name]
+    return [] if names == ["full"] else names
+
+
+def default_tp_cp_group():
+    return parallel_state.get_tensor_and_context_parallel_group()
+
+
+def grad_scaler_skips_non_finite(config) -> bool:
+    """Whether Megatron skips, rather than stops at, a step whose gradients hold inf or NaN.
+
+    Its optimizer skips such a step when it has a grad scaler (get_megatron_optimizer,
+    0.12-0.19): with fp16 always (a dynamic one, or a constant one for loss_scale). A
+    TransformerConfig knows fp16 only, so that is the test. Megatron-LM agrees: with fp16 and
+    dynamic loss scaling its validate_args turns --check-for-nan-in-loss-and-grad off ("NaNs in
+    grads / loss are signal to the loss scaler"); with a constant --loss-scale that check stops
+    the run at the NaN loss, before the step ends.
+    """
+    return bool(getattr(config, "fp16", False))

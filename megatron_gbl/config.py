@@ -63,9 +63,10 @@ class Settings:
     device_groups: Optional[int] = None
 
     def __post_init__(self):
-        for name, flag, scope in (("scope", "--moe-lbl-scope", self.scope),
-                                  ("switch_scope", "--moe-lbl-switch-scope", self.switch_scope)):
-            if scope is not None and scope not in SCOPES:
+        for name, flag, scope, optional in (
+                ("scope", "--moe-lbl-scope", self.scope, False),
+                ("switch_scope", "--moe-lbl-switch-scope", self.switch_scope, True)):
+            if not (isinstance(scope, str) and scope in SCOPES or optional and scope is None):
                 raise ValueError(
                     f"megatron_gbl: unknown {name} ({flag}) {scope!r}; choose one of "
                     f"{', '.join(SCOPES)}"
@@ -260,6 +261,7 @@ def router_balancing(config, settings: Optional[Settings] = None) -> Balancing:
             "gathers router logits across tensor parallel ranks and is not supported; use "
             "'alltoall' or 'allgather'"
         )
+    _check_cuda_graphs(config)
     lbl_type, coeff = pairs[0] if pairs else (None, 0.0)
     balancing = Balancing(lbl_type, coeff, bias_update_rate)
     if settings is not None and settings.micro_coeff and lbl_type is None:
@@ -302,3 +304,29 @@ def _check_bias_scopes(settings: Settings, config) -> None:
             "route differently from the forward; use scope 'global', or turn recompute of the "
             "MoE layers off"
         )
+
+
+def _check_cuda_graphs(config) -> None:
+    captured = compat.router_cuda_graphs(config)
+    if captured is None:
+        return
+    impl, modules = captured
+    if impl == "full_iteration" or "full_iteration" in modules:
+        what = "the whole training iteration"
+    elif modules:
+        what = f"the modules {modules}"
+        if impl == "local":
+            what += " (Megatron's local implementation graphs whole layers for them)"
+    else:
+        what = "whole layers"
+    raise ValueError(
+        f"megatron_gbl: CUDA graphs of {what} with cuda_graph_impl={impl!r} capture the MoE "
+        "router: a replayed router skips the plugin's per-call work (counting the micro-batch, "
+        "issuing the expert-count all-reduce, buffering the counts), which would run only at "
+        "capture. The options: --cuda-graph-impl / cuda_graph_impl (--enable-cuda-graph / "
+        "--external-cuda-graph before Megatron-Core 0.15), --cuda-graph-scope / "
+        "cuda_graph_scope (--cuda-graph-modules / cuda_graph_modules from 0.18). Leave the "
+        "router out with --cuda-graph-impl transformer_engine --cuda-graph-scope attn (graphs "
+        "attention only), or turn CUDA graphs off (--cuda-graph-impl none), or drop "
+        "--moe-lbl-scope / call megatron_gbl.disable()"
+    )

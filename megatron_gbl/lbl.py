@@ -83,14 +83,15 @@ class RouterState:
         if self.balancing.bias_update_rate is not None:
             self.bias = ExpertBiasUpdater(self.balancing.bias_update_rate)
 
-    def start_step(self, expected_microbatches: Optional[int] = None) -> None:
+    def start_step(self, expected_microbatches: Optional[int] = None,
+                   expert_bias: Optional[torch.Tensor] = None) -> None:
         self.buffer.reset()
         self.microbatch_stats.clear()
         self.load_counts.clear()
         self.lbl_terms.clear()
         self.device_terms.clear()
         if self.bias is not None:
-            self.bias.start_step()
+            self.bias.start_step(expert_bias)
         self.in_step = True
         self.expected_microbatches = expected_microbatches
         self.calls = 0
@@ -101,6 +102,14 @@ class RouterState:
         self.in_step = False
         if self.bias is not None:
             self.bias.close_step()
+
+    def discard_step(self, expert_bias: Optional[torch.Tensor] = None) -> None:
+        """Undo the step (failed, or skipped): the expert-bias updates it made, its counts and
+        statistics."""
+        if self.bias is not None and expert_bias is not None:
+            self.bias.restore_step_start(expert_bias)
+        self.start_step()
+        self.close_step()
 
     def note_logits(self, logits: torch.Tensor) -> None:
         """Keep the sum of this call's logits on the device: it is NaN or inf when one of them

@@ -50,7 +50,8 @@ def enable(scope: str, *, sync_group_size: Optional[int] = None, micro_coeff: fl
     auxiliary-loss-free balancing, its moe_router_bias_update_rate. Passing `model` checks it
     now (MoE layers present, balancing configured) instead of at the first training step. With
     `sync_group_size`, call it on every rank after `initialize_model_parallel` (building the
-    balance blocks is a collective). `micro_coeff` adds that weight of micro-batch LBL beside a
+    balance blocks is a collective; they are cut from the TP x DP x CP group of `model`'s
+    routers, or of Megatron's parallel_state, with its timeout, and destroyed by `disable`). `micro_coeff` adds that weight of micro-batch LBL beside a
     dp/global one (paper Tab. 5); `switch_scope` takes over from iteration `switch_iteration`
     (Tab. 3). `device_coeff` adds that weight of device-level LBL at any scope (DeepSeek-V2's,
     over `device_groups` groups of consecutive experts, default one per expert-parallel rank;
@@ -63,11 +64,11 @@ def enable(scope: str, *, sync_group_size: Optional[int] = None, micro_coeff: fl
                         device_groups=device_groups)
     was_enabled = is_enabled()
     try:
+        routers = steps.routers(model) if model is not None else []
+        for router in routers:
+            router_balancing(router.config, settings)
         if settings.sync_group_size is not None and compat.model_parallel_ready():
-            steps.sync_block_group(settings.sync_group_size, build=True)
-        if model is not None:
-            for router in steps.routers(model):
-                router_balancing(router.config, settings)
+            steps.build_sync_block_group(settings.sync_group_size, routers)
     except Exception:
         if not was_enabled:
             disable()  # a rejected enable leaves upstream untouched

@@ -11,9 +11,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import weakref
-from typing import Callable, Iterable, Optional, Union
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
+import torch.distributed as dist
 from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_gbl import bias, comm, compat, metrics
@@ -29,7 +30,9 @@ _ITERATION = 0  # of the current step, 0-based
 _NEXT_ITERATION = 0
 _ITERATION_SOURCE: Optional[Callable[[], Optional[int]]] = None  # the trainer's own counter
 _ROUTERS: "weakref.WeakSet[TopKRouter]" = weakref.WeakSet()
-_SYNC_BLOCK_GROUPS: dict[int, object] = {}  # sync_group_size -> this rank's block group
+# sync_group_size -> (TP x DP x CP groups of the ranks the blocks were cut from, this rank's
+# block group)
+_SYNC_BLOCK_GROUPS: dict[int, tuple[list, object]] = {}
 
 Model = Union[torch.nn.Module, Iterable[torch.nn.Module]]
 
@@ -47,6 +50,8 @@ def deactivate() -> None:
     for router in list(_ROUTERS):
         delattr(router, _STATE_ATTR)
     _ROUTERS.clear()
+    for _, block_group in _SYNC_BLOCK_GROUPS.values():
+        comm.destroy_group(block_group)
     _SYNC_BLOCK_GROUPS.clear()
     _SETTINGS = _PHASE = _ITERATION_SOURCE = None
     _ITERATION = _NEXT_ITERATION = 0
@@ -89,9 +94,9 @@ def start_step(model: Model, num_microbatches: Optional[int] = None,
         logger.info("megatron_gbl: iteration %d: load-balancing scope %s -> %s", iteration,
                     _PHASE.scope, phase.scope)
     _PHASE, _ITERATION, _NEXT_ITERATION = phase, iteration, iteration + 1
-    if _SETTINGS.sync_group_size is not None:
-        sync_block_group(_SETTINGS.sync_group_size, build=True)
     routers = _routers_of(model)
+    if _SETTINGS.sync_group_size is not None:
+        build_sync_block_group(_SETTINGS.sync_group_size, routers)
     if any(router._megatron_gbl.in_step and router._megatron_gbl.bias is not None
            and router._megatron_gbl.bias.recorded for router in routers):
         raise RuntimeError(
@@ -101,7 +106,7 @@ def start_step(model: Model, num_microbatches: Optional[int] = None,
             "megatron_gbl.step(model):`"
         )
     for router in routers:
-        router._megatron_gbl.start_step(num_microbatches)
+        router._megatron_gbl.start_step(num_microbatches, getattr(router, "expert_bias", None))
         compat.reset_upstream_expert_load(router)
     _note_devices(model, routers, phase)
 
@@ -110,15 +115,21 @@ def finish_step(model: Model) -> None:
     """End an optimizer step after its last backward: log the LBL, apply the expert-bias updates.
 
     Megatron-Core's schedules call this themselves; custom loops call it on every rank (a
-    collective with expert bias at global scope), before the optimizer step, or use `step`.
+    collective with expert bias at global scope, and with fp16), before the optimizer step, or
+    use `step`. Router logits with NaN or inf stop the run, except with fp16 (see
+    `_logits_finite`), where the step is skipped.
     """
     _require_enabled("finish_step")
-    in_step = [router for router in _routers_of(model) if router._megatron_gbl.in_step]
+    routers = _routers_of(model)
+    in_step = [router for router in routers if router._megatron_gbl.in_step]
     try:
-        _check_logits_finite(in_step)
+        finite = _logits_finite(routers, in_step)
     except FloatingPointError:
         discard_step(model)
         raise
+    if not finite:
+        discard_step(model)
+        return
     metrics.log_lbl(in_step)
     routers = [router for router in in_step if router._megatron_gbl.bias is not None]
     for router in routers:
@@ -132,10 +143,11 @@ def finish_step(model: Model) -> None:
 
 
 def discard_step(model: Model) -> None:
-    """End a step that failed: nothing it counted reaches the next step or the expert bias."""
+    """End a step that failed or is skipped: nothing it counted reaches the next step, the
+    step's metrics or the expert bias (updates it made per micro-batch are undone)."""
     _require_enabled("discard_step")
     for router in _routers_of(model):
-        router._megatron_gbl.close_step()
+        router._megatron_gbl.discard_step(getattr(router, "expert_bias", None))
 
 
 @contextlib.contextmanager
@@ -178,22 +190,47 @@ def balance_bsz(model: Model) -> dict[int, BalanceBSZ]:
     return {layer: size for layer, size in sizes.items() if size is not None}
 
 
-def _check_logits_finite(routers: list[TopKRouter]) -> None:
-    logit_sums = [total for router in routers for total in router._megatron_gbl.logit_sums]
+def _logits_finite(routers: list[TopKRouter], in_step: list[TopKRouter]) -> bool:
+    """Whether every router logit of the step was finite; raises FloatingPointError when not,
+    except with fp16.
+
+    With fp16, Megatron's optimizer has a grad scaler, which skips a step whose gradients hold
+    inf or NaN (as such logits make them) and lowers the loss scale: the plugin skips the step
+    too (False). Every rank of the stage skips it, so the flag is summed over TP x DP x CP:
+    one small all-reduce per step, and the step's one host sync.
+    """
+    logit_sums = [total for router in in_step for total in router._megatron_gbl.logit_sums]
+    if routers and compat.grad_scaler_skips_non_finite(routers[0].config):
+        local = torch.zeros((), dtype=torch.int64) if not logit_sums else \
+            (~torch.isfinite(torch.stack(logit_sums))).sum()
+        if not int(comm.all_reduce_sum(local, compat.tp_dp_cp_group(routers[0]),
+                                       "the non-finite router logit count")):
+            return True
+        logger.warning(
+            "megatron_gbl: router logits with NaN or inf at training iteration %d (0-based), "
+            "MoE layer(s) %s on this rank: with fp16 Megatron's grad scaler skips the step, so "
+            "the plugin skips it too (nothing counted, the expert bias unchanged)", _ITERATION,
+            _non_finite_layers(in_step) if int(local) else "none")
+        return False
     # One sum of every layer's logit sums: NaN or inf if any is (the step's one host sync).
     if not logit_sums or bool(torch.isfinite(torch.stack(logit_sums).sum())):
-        return
+        return True
     # Only after a failure: which layers (none if finite sums merely overflowed the total).
-    layers = [router.layer_number for router in routers
-              if not router._megatron_gbl.logits_finite()]
+    layers = _non_finite_layers(in_step)
     if layers:
         raise FloatingPointError(
             f"megatron_gbl: router logits with NaN or inf in MoE layer(s) {layers} at training "
             f"iteration {_ITERATION} (0-based; Megatron-LM logs it as iteration "
-            f"{_ITERATION + 1}). The router's input already held them: check this step's data, "
-            "the learning rate and the loss scale (fp16), or set --check-for-nan-in-loss-and-grad; "
+            f"{_ITERATION + 1}). The router's input already held them: check this step's data "
+            "and the learning rate, or set --check-for-nan-in-loss-and-grad; "
             "the step is discarded, the expert bias is not updated."
         )
+    return True
+
+
+def _non_finite_layers(routers: list[TopKRouter]) -> list[int]:
+    return [router.layer_number for router in routers
+            if not router._megatron_gbl.logits_finite()]
 
 
 def _note_devices(model: Model, routers: list[TopKRouter], settings: Settings) -> None:
@@ -247,26 +284,43 @@ def router_state(router: TopKRouter) -> RouterState:
     return state
 
 
-def sync_block_group(sync_group_size: int, build: bool = False):
-    if sync_group_size not in _SYNC_BLOCK_GROUPS:
-        if not build:
-            raise RuntimeError(
-                f"megatron_gbl: sync_group_size={sync_group_size} needs its balance-block groups: "
-                "call megatron_gbl.enable(...) after initialize_model_parallel, or "
-                "megatron_gbl.start_step(model) on every rank before the first step"
-            )
-        dp_rank, dp_size = compat.data_parallel_rank_and_size()
-        check_sync_group_size(sync_group_size, dp_size)
-        tp_dp_cp = compat.default_tp_dp_cp_group()
-        _SYNC_BLOCK_GROUPS[sync_group_size] = comm.build_sync_block_group(
-            tp_dp_cp, dp_rank, sync_group_size
-        )
-    return _SYNC_BLOCK_GROUPS[sync_group_size]
+def build_sync_block_group(sync_group_size: int, routers: Sequence[TopKRouter] = ()) -> None:
+    """Build this rank's balance block of `sync_group_size` once, cut from the TP x DP x CP
+    group of `routers` (Megatron's parallel_state group without one) with that group's timeout
+    and NCCL options. A collective over the whole world: every rank calls it."""
+    if sync_group_size in _SYNC_BLOCK_GROUPS:
+        return
+    if routers:
+        tp_dp_cp, tp_cp = compat.tp_dp_cp_group(routers[0]), compat.tp_cp_group(routers[0])
+    else:
+        tp_dp_cp, tp_cp = compat.default_tp_dp_cp_group(), compat.default_tp_cp_group()
+    check_sync_group_size(sync_group_size,
+                          dist.get_world_size(tp_dp_cp) // dist.get_world_size(tp_cp))
+    _SYNC_BLOCK_GROUPS[sync_group_size] = (
+        [tp_dp_cp], comm.build_sync_block_group(tp_dp_cp, tp_cp, sync_group_size))
 
 
 def sync_group(router: TopKRouter, settings: Settings):
     if not settings.uses_dp_sync:
         return None
+    tp_dp_cp = compat.tp_dp_cp_group(router)
     if settings.sync_group_size is None:
-        return compat.tp_dp_cp_group(router)
-    return sync_block_group(settings.sync_group_size)
+        return tp_dp_cp
+    if settings.sync_group_size not in _SYNC_BLOCK_GROUPS:
+        raise RuntimeError(
+            f"megatron_gbl: sync_group_size={settings.sync_group_size} needs its balance-block "
+            "groups: call megatron_gbl.enable(...) after initialize_model_parallel, or "
+            "megatron_gbl.start_step(model) on every rank before the first step"
+        )
+    sources, block_group = _SYNC_BLOCK_GROUPS[settings.sync_group_size]
+    if not any(tp_dp_cp is source for source in sources):  # the first call with this group
+        if dist.get_process_group_ranks(tp_dp_cp) != dist.get_process_group_ranks(sources[0]):
+            raise RuntimeError(
+                f"megatron_gbl: the balance blocks of sync_group_size={settings.sync_group_size} "
+                f"were cut from another TP x DP x CP group than MoE layer {router.layer_number}'s "
+                "(a model built with its own process groups): call megatron_gbl.disable(), then "
+                "megatron_gbl.enable(..., model=model) on every rank to cut them from the "
+                "model's groups"
+            )
+        sources.append(tp_dp_cp)  # the same ranks: the blocks fit it
+    return block_group

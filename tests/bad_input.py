@@ -103,6 +103,21 @@ MEGATRON_LM = {
                                    ["--moe-lbl-device-coeff", "--moe-lbl-scope"]),
     "device groups without scope": (dict(moe_lbl_scope=None, moe_lbl_device_groups=4),
                                     ["--moe-lbl-device-groups", "--moe-lbl-scope"]),
+    "CUDA graphs of whole layers": (dict(cuda_graph_impl="transformer_engine"),
+                                    ["--cuda-graph-impl", "whole layers", "capture the MoE router",
+                                     "--cuda-graph-scope attn"]),
+    "CUDA graphs of the router": (dict(cuda_graph_impl="transformer_engine",
+                                       cuda_graph_scope=["attn", "moe_router"]),
+                                  ["['attn', 'moe_router']", "--cuda-graph-scope attn"]),
+    "local CUDA graphs (whole layers, any scope)": (
+        dict(cuda_graph_impl="local", cuda_graph_scope=["attn"]),
+        ["cuda_graph_impl='local'", "graphs whole layers",
+         "--cuda-graph-impl transformer_engine"]),
+    "a CUDA graph of the whole iteration": (
+        dict(cuda_graph_impl="local", cuda_graph_scope=["full_iteration"]),
+        ["the whole training iteration", "--cuda-graph-impl none"]),
+    "--enable-cuda-graph (before 0.15)": (dict(enable_cuda_graph=True),
+                                          ["--enable-cuda-graph", "capture the MoE router"]),
 }
 
 # case: (enable() keyword arguments, TransformerConfig overrides of the model or None,
@@ -110,6 +125,13 @@ MEGATRON_LM = {
 PYTHON_API = {
     "unknown scope": (dict(scope="batch"), None,
                       ["scope (--moe-lbl-scope) 'batch'", "micro, seq, dp, global, shuffle"]),
+    "no scope": (dict(scope=None), None,
+                 ["scope (--moe-lbl-scope) None", "micro, seq, dp, global, shuffle"]),
+    "scope not a string": (dict(scope=2), None, ["scope (--moe-lbl-scope) 2", "choose one of"]),
+    "scope a list": (dict(scope=["global"]), None,
+                     ["scope (--moe-lbl-scope) ['global']", "choose one of"]),
+    "switch_scope not a string": (dict(scope="micro", switch_scope=1, switch_iteration=5), None,
+                                  ["switch_scope (--moe-lbl-switch-scope) 1"]),
     "sync_group_size with micro": (dict(scope="micro", sync_group_size=8), None,
                                    ["sync_group_size", "8", "'dp' or 'global'"]),
     "sync_group_size 0": (dict(scope="dp", sync_group_size=0), None,
@@ -155,6 +177,14 @@ PYTHON_API = {
         ["device_coeff", "one group", "expert_model_parallel_size", "is 1"]),
     "device_coeff without an LBL": (dict(scope="global", device_coeff=1e-3, device_groups=2),
                                     AUX_FREE, ["device_coeff", "auxiliary-loss-free"]),
+    "model with CUDA graphs of the router": (
+        dict(scope="global"), dict(cuda_graph_impl="transformer_engine",
+                                   cuda_graph_scope="moe_router"),
+        ["cuda_graph_impl='transformer_engine'", "['moe_router']", "cuda_graph_scope",
+         "--cuda-graph-scope attn"]),
+    "model with CUDA graphs of whole layers": (
+        dict(scope="micro"), dict(cuda_graph_impl="local"),
+        ["cuda_graph_impl='local'", "whole layers", "--cuda-graph-impl none"]),
 }
 
 # case: fragments; the messages come from workers.bad_input_messages (4 gloo ranks, DP 4)

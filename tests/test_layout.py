@@ -13,12 +13,27 @@ LAYOUTS = [  # (tp, cp, pp, dp): 64 and 512 ranks in Megatron's default rank ord
 ]
 
 
-def megatron_members(tp, cp, pp, dp):
+def megatron_members(tp, cp, pp, dp, order="tp-cp-ep-dp-pp"):
     """(tp_dp_cp ranks, dp_rank) of every global rank, from Megatron's own RankGenerator."""
-    gen = RankGenerator(tp=tp, ep=1, dp=dp, pp=pp, cp=cp, order="tp-cp-ep-dp-pp")
+    gen = RankGenerator(tp=tp, ep=1, dp=dp, pp=pp, cp=cp, order=order)
     group_of = {r: tuple(g) for g in gen.get_ranks("tp-dp-cp") for r in g}
     dp_rank = {r: g.index(r) for g in gen.get_ranks("dp") for r in g}
     return [(group_of[r], dp_rank[r]) for r in range(tp * cp * pp * dp)], gen
+
+
+def process_groups(gen, world_size):
+    """(tp_dp_cp ranks, tp_cp ranks) of every global rank: what a rank knows of its groups."""
+    tp_dp_cp = {r: tuple(g) for g in gen.get_ranks("tp-dp-cp") for r in g}
+    tp_cp = {r: tuple(g) for g in gen.get_ranks("tp-cp") for r in g}
+    return [(tp_dp_cp[r], tp_cp[r]) for r in range(world_size)]
+
+
+@pytest.mark.parametrize("order", ["tp-cp-ep-dp-pp", "tp-cp-ep-pp-dp"])
+@pytest.mark.parametrize("tp, cp, pp, dp", LAYOUTS)
+def test_data_parallel_ranks_from_the_process_groups_are_megatrons(tp, cp, pp, dp, order):
+    members, gen = megatron_members(tp, cp, pp, dp, order)
+    assert comm.data_parallel_ranks(process_groups(gen, len(members))) == \
+        [(tuple(sorted(group)), dp_rank) for group, dp_rank in members]
 
 
 @pytest.mark.parametrize("tp, cp, pp, dp", LAYOUTS)
@@ -48,19 +63,40 @@ def test_whole_dp_block_is_the_tp_dp_cp_group():
 
 @pytest.mark.parametrize("world_rank", [0, 37, 511])
 def test_build_sync_block_group_with_mocked_process_groups(monkeypatch, world_rank):
-    members, _ = megatron_members(4, 1, 4, 32)
+    members, gen = megatron_members(4, 1, 4, 32)
+    groups = process_groups(gen, len(members))
     created = []
-    monkeypatch.setattr(dist, "get_world_size", lambda group=None: len(members))
+    monkeypatch.setattr(dist, "get_world_size",
+                        lambda group=None: len(members) if group is None else len(group))
     monkeypatch.setattr(dist, "get_rank", lambda group=None: world_rank)
     monkeypatch.setattr(dist, "get_process_group_ranks", lambda group: list(group))
 
     def all_gather_object(out, obj):
-        assert obj == (list(members[world_rank][0]), members[world_rank][1])
-        out[:] = members
+        assert obj == tuple(map(list, groups[world_rank]))
+        out[:] = groups
 
     monkeypatch.setattr(dist, "all_gather_object", all_gather_object)
-    monkeypatch.setattr(dist, "new_group", lambda ranks: created.append(ranks) or tuple(ranks))
-    own = comm.build_sync_block_group(members[world_rank][0], members[world_rank][1], 8)
+    monkeypatch.setattr(dist, "new_group",
+                        lambda ranks, **settings: created.append(ranks) or tuple(ranks))
+    own = comm.build_sync_block_group(*groups[world_rank], 8)
     # Every rank creates every block, in the same order (new_group is a world collective).
     assert created == comm.sync_block_layout(members, 8)
     assert world_rank in own and len(own) == 4 * 8
+
+
+@pytest.mark.skipif(not hasattr(dist, "ProcessGroupNCCL"), reason="a torch build without NCCL")
+def test_balance_blocks_get_megatrons_nccl_options_not_the_groups_identity():
+    # What Megatron's get_nccl_options sets from --nccl-communicator-config-path is copied; the
+    # ranks, name and split colour of the group it was set on are not (new_group would keep them).
+    options = dist.ProcessGroupNCCL.Options(is_high_priority_stream=True)
+    options.config.cga_cluster_size, options.config.max_ctas = 2, 8
+    options.config.min_ctas, options.config.net_name = 2, "IB"
+    options.global_ranks_in_group, options.group_name, options.split_color = [0, 1], "tp_dp_cp", 5
+    like = comm.nccl_options_like(options)
+    assert like.is_high_priority_stream
+    assert (like.config.cga_cluster_size, like.config.max_ctas, like.config.min_ctas,
+            like.config.net_name) == (2, 8, 2, "IB")
+    fresh = dist.ProcessGroupNCCL.Options()
+    assert (like.global_ranks_in_group, like.group_name, like.split_color) == \
+        (fresh.global_ranks_in_group, fresh.group_name, fresh.split_color)
+    assert comm.nccl_options_like(fresh).config.max_ctas == fresh.config.max_ctas  # unset

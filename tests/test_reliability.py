@@ -74,9 +74,11 @@ def test_expert_without_tokens_in_a_whole_step():
         [0.01 * (s + 1) for s in range(steps)], rel=1e-6)
 
 
-def test_nan_router_logits_stop_the_step_naming_layer_and_iteration():
-    spec = dict(scope="global", config=workers.AUX_FREE, nan_step=2, steps=4, microbatches=2,
-                seq=8, bsz=2)
+@pytest.mark.parametrize("precision", [{}, dict(bf16=True, params_dtype=torch.bfloat16)],
+                         ids=["fp32", "bf16"])
+def test_nan_router_logits_stop_the_step_naming_layer_and_iteration(precision):
+    spec = dict(scope="global", config=dict(workers.AUX_FREE, **precision), nan_step=2, steps=4,
+                microbatches=2, seq=8, bsz=2)
     for result in run_gloo(workers.nan_logits_run, 2, spec):
         assert result["steps_done"] == 2  # the two clean steps, then the error in the third
         assert result["error"] is not None
@@ -84,6 +86,27 @@ def test_nan_router_logits_stop_the_step_naming_layer_and_iteration():
                       "expert bias is not updated"):
             assert words in result["error"], result["error"]
         assert all(torch.isfinite(b).all() for b in result["bias"])
+
+
+@pytest.mark.parametrize("scope", ["dp", "global"])
+def test_nan_router_logits_with_fp16_skip_the_step_like_megatrons_grad_scaler(scope):
+    # NaN router input on rank 0 only, at step 2 of 4: with fp16 Megatron's grad scaler skips
+    # that step, and so does the plugin on both ranks: no error, the expert bias as before the
+    # step (at dp it was updated after each micro-batch, then restored), no step metrics.
+    fp16 = dict(LBL_AND_BIAS, fp16=True, params_dtype=torch.float16)
+    spec = dict(scope=scope, config=fp16, nan_step=2, nan_rank=0, steps=4, microbatches=3,
+                seq=8, bsz=2)
+    results = run_gloo(workers.nan_logits_run, 2, spec)
+    for result in results:
+        assert result["error"] is None and result["steps_done"] == 4
+        assert result["has_metrics"] == [True, True, False, True]
+        before, skipped, after = result["biases"][1:]
+        for layer_before, layer_skipped, layer_after in zip(before, skipped, after):
+            assert torch.equal(layer_skipped, layer_before)
+            assert not torch.equal(layer_after, layer_skipped)  # the next step updates again
+            assert torch.isfinite(layer_after).all()
+    for layer_0, layer_1 in zip(results[0]["biases"][-1], results[1]["biases"][-1]):
+        assert torch.equal(layer_0, layer_1)
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
@@ -221,3 +244,22 @@ def test_two_identical_runs_are_bitwise_identical():
         assert first.keys() == second.keys()
         for name, value in first.items():
             assert torch.equal(second[name], value), (spec["scope"], name)
+
+
+def test_balance_blocks_take_megatrons_timeout_and_disable_destroys_them():
+    # Megatron's groups get --distributed-timeout-minutes 0.1 (6 s); so does the balance block
+    # cut from them (torch's default would be 30 min): with rank 1 stalled for 10 s, rank 0's
+    # count sum over the block fails after about 6 s.
+    results = run_gloo(workers.balance_block_timeout, 2, dict(minutes=0.1, stall_s=10))
+    for result in results:
+        assert result["timeout_s"] == pytest.approx(6.0)
+        assert result["ranks"] == [0, 1]
+        assert result["destroyed"]
+    assert 5.0 <= results[0]["failed_after"] < 9.5, results[0]["failed_after"]
+
+
+def test_balance_blocks_are_cut_from_the_routers_own_groups():
+    for rank, result in enumerate(run_gloo(workers.blocks_from_router_groups, 2)):
+        assert "cut from another TP x DP x CP group than MoE layer" in result["error"]
+        assert "model=model" in result["error"]
+        assert result["block_ranks"] == [rank]

@@ -498,29 +498,35 @@ def failing_step_run(rank: int, world_size: int, spec: dict) -> dict:
     return runs
 
 
-def nan_logits_run(rank: int, world_size: int, spec: dict) -> str:
-    """NaN router input in MoE layer 2 at step `nan_step`; returns the error the step raised."""
+def nan_logits_run(rank: int, world_size: int, spec: dict) -> dict:
+    """NaN router input in MoE layer 2 at step `nan_step` (on rank `nan_rank` only, if given);
+    returns the error the step raised, or, when none did, the expert biases and whether step
+    metrics existed after every step."""
     if not harness.model_parallel_initialized():
         harness.init_model_parallel()
     config = harness.moe_config(**spec.get("config", {}))
     model = harness.build_gpt_moe(config, vocab_size=64, max_sequence_length=spec["seq"])
     megatron_gbl.enable(spec["scope"], model=model)
-    router = harness.routers_of(model)[1]
-    steps_done = []
-    router.register_forward_pre_hook(
+    routers = harness.routers_of(model)
+    steps_done, biases, has_metrics = [], [], []
+    poisoned = spec.get("nan_rank", rank) == rank
+    routers[1].register_forward_pre_hook(
         lambda module, args: (args[0] * float("nan"),) + args[1:]
-        if len(steps_done) == spec["nan_step"] else None)
+        if poisoned and len(steps_done) == spec["nan_step"] else None)
     for seed in range(spec["steps"]):
         try:
             _train(model, None, [seed], spec)
         except FloatingPointError as error:
-            bias = [r.expert_bias.clone() for r in harness.routers_of(model)] \
+            bias = [r.expert_bias.clone() for r in routers] \
                 if config.moe_router_enable_expert_bias else None
             megatron_gbl.disable()
             return {"error": str(error), "steps_done": len(steps_done), "bias": bias}
         steps_done.append(seed)
+        biases.append([r.expert_bias.clone() for r in routers])
+        has_metrics.append(megatron_gbl.step_metrics(model) is not None)
     megatron_gbl.disable()
-    return {"error": None, "steps_done": len(steps_done), "bias": None}
+    return {"error": None, "steps_done": len(steps_done), "biases": biases,
+            "has_metrics": has_metrics}
 
 
 def die_mid_step(rank: int, world_size: int, init_file: str, result_file: str,
@@ -583,3 +589,115 @@ def out_of_place_score_adds(rank: int, world_size: int, spec: dict) -> dict:
                             for event in prof.events())
     megatron_gbl.disable()
     return adds
+
+
+def balance_block_timeout(rank: int, world_size: int, spec: dict) -> dict:
+    """Megatron's groups with --distributed-timeout-minutes spec["minutes"], a balance block of
+    all ranks (sync_group_size = world_size): the block's timeout; how long rank 0's count sum
+    over it took to fail while rank 1 stalled; whether disable() destroyed the block."""
+    import time
+
+    from megatron.core import parallel_state
+    from megatron_gbl import comm, steps
+
+    parallel_state.initialize_model_parallel(distributed_timeout_minutes=spec["minutes"])
+    model = harness.build_gpt_moe(harness.moe_config())
+    megatron_gbl.enable("global", sync_group_size=world_size, model=model)
+    block = steps.sync_group(harness.routers_of(model)[0], steps.phase())
+    timeout = block._get_backend(torch.device("cpu")).options._timeout
+    ranks = dist.get_process_group_ranks(block)
+    failed_after = None
+    if rank == 0:
+        started = time.monotonic()
+        try:
+            comm.PendingSum(torch.ones(2), block, what="the test's count sum").wait()
+        except comm.CollectiveError:
+            failed_after = time.monotonic() - started
+    else:
+        time.sleep(spec["stall_s"])
+    dist.barrier()  # the world group keeps the harness's timeout
+    megatron_gbl.disable()
+    try:
+        dist.get_process_group_ranks(block)
+        destroyed = False
+    except KeyError:  # torch forgot it: destroyed
+        destroyed = True
+    return {"timeout_s": timeout.total_seconds(), "ranks": ranks, "failed_after": failed_after,
+            "destroyed": destroyed}
+
+
+def cuda_graph_rejections(rank: int, world_size: int, spec: dict) -> dict:
+    """A GPT-MoE whose config has CUDA graphs (spec: TransformerConfig overrides): the error of
+    enable(model=...) and of the first training step after a plain enable()."""
+    harness.init_model_parallel()
+    model = harness.build_gpt_moe(harness.moe_config(**spec), vocab_size=64,
+                                  max_sequence_length=8)
+    errors = {}
+    for when in ("enable", "first step"):
+        try:
+            if when == "enable":
+                megatron_gbl.enable("global", model=model)
+            else:
+                megatron_gbl.enable("global")
+                _train(model, None, [0], dict(microbatches=2, seq=8, bsz=2))
+        except ValueError as error:
+            errors[when] = str(error)
+        finally:
+            megatron_gbl.disable()
+    return errors
+
+
+def waits_per_reader(rank: int, world_size: int, readers: int) -> int:
+    """How often the work of one count sum is waited on when `readers` read its result."""
+    from megatron_gbl import comm
+
+    waits = []
+    real_all_reduce = dist.all_reduce
+
+    class CountedWork:
+        def __init__(self, work):
+            self.work = work
+
+        def wait(self):
+            waits.append(None)
+            return self.work.wait()
+
+    def all_reduce(*args, **kwargs):
+        return CountedWork(real_all_reduce(*args, **kwargs))
+
+    dist.all_reduce = all_reduce
+    try:
+        pending = comm.PendingSum(torch.ones(3) * (rank + 1), dist.group.WORLD)
+        results = [pending.wait() for _ in range(readers)]
+    finally:
+        dist.all_reduce = real_all_reduce
+    assert all(torch.equal(result, torch.full((3,), 3.0)) for result in results)
+    return len(waits)
+
+
+def blocks_from_router_groups(rank: int, world_size: int) -> dict:
+    """Routers with their own TP x DP x CP group (this rank alone, as a model built with its own
+    process groups could have): the error when the balance blocks were cut from Megatron's
+    parallel_state group, and the block's ranks when enable(model=...) cut them from the
+    routers' group."""
+    from megatron_gbl import steps
+
+    harness.init_model_parallel()
+    model = harness.build_gpt_moe(harness.moe_config(), vocab_size=64, max_sequence_length=8)
+    own_groups = [dist.new_group([r]) for r in range(world_size)]
+    for router in harness.routers_of(model):
+        router.tp_dp_cp_group = own_groups[rank]
+    spec = dict(microbatches=2, seq=8, bsz=2)
+    megatron_gbl.enable("dp", sync_group_size=1)
+    try:
+        _train(model, None, [0], spec)
+        error = None
+    except RuntimeError as failure:
+        error = str(failure)
+    megatron_gbl.disable()
+    megatron_gbl.enable("dp", sync_group_size=1, model=model)
+    _train(model, None, [0], spec)
+    block = steps.sync_group(harness.routers_of(model)[0], steps.phase())
+    ranks = dist.get_process_group_ranks(block)
+    megatron_gbl.disable()
+    return {"error": error, "block_ranks": ranks}
