@@ -91,7 +91,7 @@ def start_step(model: Model, num_microbatches: Optional[int] = None,
     _PHASE, _ITERATION, _NEXT_ITERATION = phase, iteration, iteration + 1
     if _SETTINGS.sync_group_size is not None:
         sync_block_group(_SETTINGS.sync_group_size, build=True)
-    routers = _routers_of(model)
+    routers = _routers_of(model, dense_stage_ok=True)
     if any(router._megatron_gbl.in_step and router._megatron_gbl.bias is not None
            and router._megatron_gbl.bias.recorded for router in routers):
         raise RuntimeError(
@@ -112,7 +112,8 @@ def finish_step(model: Model) -> None:
     collective with expert bias at global scope), before the optimizer step, or use `step`.
     """
     _require_enabled("finish_step")
-    in_step = [router for router in _routers_of(model) if router._megatron_gbl.in_step]
+    in_step = [router for router in _routers_of(model, dense_stage_ok=True)
+               if router._megatron_gbl.in_step]
     try:
         _check_logits_finite(in_step)
     except FloatingPointError:
@@ -133,7 +134,7 @@ def finish_step(model: Model) -> None:
 def discard_step(model: Model) -> None:
     """End a step that failed: nothing it counted reaches the next step or the expert bias."""
     _require_enabled("discard_step")
-    for router in _routers_of(model):
+    for router in _routers_of(model, dense_stage_ok=True):
         router._megatron_gbl.close_step()
 
 
@@ -200,10 +201,13 @@ def _require_enabled(name: str) -> None:
         raise RuntimeError(f"megatron_gbl.{name}: call megatron_gbl.enable(scope) first")
 
 
-def _routers_of(model: Model) -> list[TopKRouter]:
+def _routers_of(model: Model, dense_stage_ok: bool = False) -> list[TopKRouter]:
+    """The model's routers; with `dense_stage_ok`, none on a pipeline stage of dense layers only
+    (first-k-dense models, --moe-layer-freq): that stage still takes part in every step."""
     chunks = [model] if isinstance(model, torch.nn.Module) else list(model)
     routers = [m for chunk in chunks for m in chunk.modules() if isinstance(m, TopKRouter)]
-    if not routers:
+    if not routers and not (dense_stage_ok and compat.model_parallel_ready()
+                            and torch.distributed.get_world_size(compat.pipeline_group()) > 1):
         raise ValueError(
             "megatron_gbl is enabled but the model has no MoE layer (no TopKRouter): set "
             "num_moe_experts in the TransformerConfig, or call megatron_gbl.disable()"
