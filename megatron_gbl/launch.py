@@ -4,7 +4,8 @@
         <the usual Megatron-LM arguments> --moe-lbl-scope=global
 
 The script runs as `__main__` exactly as `python pretrain_gpt.py ...` would, with its own
-directory first on sys.path (where Megatron-LM's `megatron/training` lives).
+directory first on sys.path (where a Megatron-LM checkout keeps `megatron/training`; megatron-core
+wheels ship it too from 0.17 on).
 """
 
 from __future__ import annotations
@@ -41,11 +42,14 @@ def main(argv: Optional[list[str]] = None) -> None:
         megatron_lm.install()
     except ModuleNotFoundError as error:
         if not (error.name or "").startswith("megatron.training"):
-            raise
+            raise SystemExit(
+                f"megatron_gbl.launch: Megatron-LM's training code (megatron.training) imports "
+                f"{error.name}, which is not installed: install Megatron-LM's requirements (for "
+                "yaml: pip install pyyaml)") from error
         raise SystemExit(
-            f"megatron_gbl.launch: cannot import {error.name} (Megatron-LM's training code, not "
-            f"part of the megatron-core wheel). Keep {os.path.basename(script)} inside a "
-            "Megatron-LM checkout, or put the checkout on PYTHONPATH") from error
+            f"megatron_gbl.launch: cannot import {error.name} (Megatron-LM's training code, part "
+            f"of megatron-core wheels only from 0.17 on). Keep {os.path.basename(script)} inside "
+            "a Megatron-LM checkout, or put the checkout on PYTHONPATH") from error
     sys.argv = [script, *script_args]
     runpy.run_path(script, run_name="__main__")
 

@@ -1,17 +1,20 @@
 """Megatron-LM integration: the --moe-lbl-* flags, their validation, and step logging.
 
-Megatron-LM's training code (`megatron.training`, not on PyPI) looks these names up at call
-time, so wrapping them needs no edit to Megatron-LM (`megatron_gbl.launch` does it):
+Megatron-LM's training code (`megatron.training`: a Megatron-LM checkout, or megatron-core wheels
+from 0.17 on) looks these names up at call time, so wrapping them needs no edit to Megatron-LM
+(`megatron_gbl.launch` does it):
 
-| hook                                            | releases        | what the wrapper adds       |
-|-------------------------------------------------|-----------------|-----------------------------|
-| `megatron.training.arguments._add_moe_args`     | core_v0.10-0.19 | the flags (`add_arguments`) |
-| `megatron.training.initialize.validate_args`    | core_v0.10-0.17 | `configure(args)` after it  |
-| `megatron.training.arguments.validate_args`     | core_v0.18-0.19 | (`parse_and_validate_args`) |
-| `megatron.training.training.track_moe_metrics`  | core_v0.10-0.17 | step metrics, histograms    |
-| `moe_logging.MoEMetricsTracker.report`          | core_v0.18-0.19 | same                        |
+| hook in `megatron.training`    | Megatron-LM          | what the wrapper adds       |
+|--------------------------------|----------------------|-----------------------------|
+| `arguments._add_moe_args`      | 0.10-0.19, main, dev | the flags (`add_arguments`) |
+| `initialize.validate_args`     | 0.10-0.17            | `configure(args)` after it  |
+| `arguments.validate_args`      | 0.18-0.19, main, dev | same (1)                    |
+| `training.track_moe_metrics`   | 0.10-0.17            | step metrics, histograms    |
+| `MoEMetricsTracker.report` (2) | 0.18-0.19, main, dev | same                        |
 
-A patched fork (patches/) calls `add_arguments` and `configure` natively instead.
+(1) called by `parse_and_validate_args`; (2) of `megatron.core.transformer.moe.moe_logging`.
+main and dev checked at d98e8a64dd (2026-08-22) and d48bd6be0a (2026-08-21). A patched fork
+(patches/) calls `add_arguments` and `configure` natively instead.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import dataclasses
 import functools
 import importlib
 import inspect
+from typing import Optional
 
 import torch
 
@@ -133,9 +137,13 @@ def configure(args: argparse.Namespace) -> None:
                           balancing.bias_update_rate is not None)
     if settings.device_coeff:
         names += (metrics.DEVICE_LBL,)
+    # From the arguments, not from this rank's routers: a pipeline stage without MoE layers
+    # joins the same reductions with the same shapes.
+    histogram_shape = (compat.tracker_num_layers(args), args.num_experts)
     owner, name = _logging_hook()
     patch.replace(owner, name, lambda original: functools.wraps(original)(
-        lambda *a, **k: _log_step(original, names, args.moe_lbl_histogram_interval, *a, **k)))
+        lambda *a, **k: _log_step(original, names, args.moe_lbl_histogram_interval,
+                                  histogram_shape, *a, **k)))
 
 
 def install() -> None:
@@ -164,12 +172,18 @@ def _logging_hook() -> tuple[object, str]:
     return moe_logging.MoEMetricsTracker, "report"
 
 
-def _log_step(original, names: tuple, histogram_interval: int, *args, **kwargs):
-    """Megatron-LM's per-iteration MoE logging, with this step's plugin metrics added first."""
+def _log_step(original, names: tuple, histogram_interval: int, histogram_shape: tuple,
+              *args, **kwargs):
+    """Megatron-LM's per-iteration MoE logging, with this step's plugin metrics added first.
+
+    Every pipeline stage, with MoE layers or without, joins the same collectives in the same
+    order: the histogram sum over the pipeline group, then Megatron's reduction of the same
+    names.
+    """
     bound = inspect.signature(original).bind(*args, **kwargs)
     call = bound.arguments
     routers = {router.layer_number: router for router in steps.routers()}
-    step = metrics.step_metrics(list(routers.values()))
+    step = metrics.step_metrics(list(routers.values()))  # collectives within this stage only
     if step is not None:
         # The tracker multiplies everything by loss_scale (1 / micro-batches): undo it for
         # values that are per step, not sums over micro-batches. Averaging over TP x DP x CP
@@ -179,29 +193,32 @@ def _log_step(original, names: tuple, histogram_interval: int, *args, **kwargs):
                 router = routers[layer_number]
                 compat.log_to_tracker(router, name, value.float() / call["loss_scale"],
                                       avg_group=compat.tp_dp_cp_group(router))
-    # From the config, not from this rank's metrics: every pipeline stage must reduce the same
-    # names, a stage without MoE layers too.
+    # From the configuration, not from this rank's metrics: the same names on every stage.
     if call.get("track_names") is not None:
         call["track_names"] = list(call["track_names"]) + list(names)
-    if step is not None:
-        iteration = call["iteration"]
-        if histogram_interval and iteration % histogram_interval == 0:
-            _log_histograms(step, routers, iteration, call.get("writer"), call.get("wandb_writer"))
+    iteration = call["iteration"]
+    if histogram_interval and iteration % histogram_interval == 0:
+        _log_histograms(step, histogram_shape, iteration, call.get("writer"),
+                        call.get("wandb_writer"))
     return original(*bound.args, **bound.kwargs)
 
 
-def _log_histograms(step: metrics.StepMetrics, routers: dict, iteration: int, writer,
+def _log_histograms(step: Optional[metrics.StepMetrics], shape: tuple, iteration: int, writer,
                     wandb_writer) -> None:
     """Tokens per expert of every layer as a histogram with one bucket per expert.
 
     Every pipeline stage contributes its own layers (a sum over the pipeline group, as
-    Megatron does for its scalars); the last rank holds the writers.
+    Megatron does for its scalars; zeros from a stage without MoE layers); the last rank holds
+    the writers. `shape`: (layers, experts) of the whole model.
     """
-    config = next(iter(routers.values())).config
-    num_experts = step.global_tokens_per_expert.shape[-1]
-    counts_NE = torch.zeros(compat.tracker_num_layers(config), num_experts, dtype=torch.int64,
-                            device=step.global_tokens_per_expert.device)
-    counts_NE[[n - 1 for n in step.layer_numbers]] = step.global_tokens_per_expert
+    num_layers, num_experts = shape
+    if step is not None:
+        device = step.global_tokens_per_expert.device
+    else:  # where Megatron's tracker puts a stage's placeholders
+        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    counts_NE = torch.zeros(num_layers, num_experts, dtype=torch.int64, device=device)
+    if step is not None:
+        counts_NE[[n - 1 for n in step.layer_numbers]] = step.global_tokens_per_expert
     torch.distributed.all_reduce(counts_NE, group=compat.pipeline_group())
     if writer is None and wandb_writer is None:
         return

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import io
 import os
 import queue
@@ -104,6 +105,26 @@ def install_cuda_runtime_shims() -> None:
     _set(torch.cuda, "stream", lambda *a, **k: contextlib.nullcontext())
 
 
+def install_megatron_lm_shims() -> None:
+    """`install_cuda_runtime_shims` plus the two CUDA-only steps of Megatron-LM's
+    `initialize_megatron` (idempotent). `megatron.training` must be importable: the installed
+    wheel's (0.17 on) or a checkout's on sys.path."""
+    install_cuda_runtime_shims()
+    import megatron.training.initialize as initialize
+    import megatron.training.training as training
+
+    if isinstance(training.initialize_megatron, functools.partial):
+        return
+    # pretrain() asserts "Megatron requires CUDA" unless initialize_megatron(allow_no_cuda=True).
+    _set(training, "initialize_megatron",
+         functools.partial(training.initialize_megatron, allow_no_cuda=True))
+    # It would run `make` for the dataset helpers (the wheels ship them built) and need CUDA.
+    _set(initialize, "_compile_dependencies", lambda: None)
+    # Warms up fused GPU kernels through torch.compile, which on CPU builds C++ for seconds per
+    # rank; runs on CPU turn those fusions off (--no-bias-gelu-fusion, --no-bias-dropout-fusion).
+    _set(training, "set_jit_fusion_options", lambda *args, **kwargs: None)
+
+
 def uninstall_cpu_shims() -> None:
     """Restore everything `install_cpu_shims` (and `install_cuda_runtime_shims`) changed."""
     while _SHIMS:
@@ -127,18 +148,20 @@ def simulate_expert_parallel_token_groups(size: int) -> None:
     _set(compat, "token_group", lambda moe_layer, group=blocks[rank // size]: group)
 
 
-def run_gloo(fn: Callable, world_size: int, *args, timeout_s: float = 600.0) -> list:
+def run_gloo(fn: Callable, world_size: int, *args, timeout_s: float = 600.0,
+             preload: tuple[str, ...] = ()) -> list:
     """Run `fn(rank, world_size, *args)` in `world_size` fresh processes joined by gloo.
 
     `fn` must be importable: the ranks are forked from a server process, not from this one.
-    Returns each rank's return value; raises with the failing rank's traceback, or when the
-    run outlives `timeout_s`.
+    `preload` names modules for that server to import too, if this call starts it (the first
+    of the session). Returns each rank's return value; raises with the failing rank's
+    traceback, or when the run outlives `timeout_s`.
     """
     ctx = mp.get_context("forkserver")
     # Ranks fork from one server that imported torch and Megatron-Core once per session,
     # instead of each spawned rank importing them again (seconds per process, per run).
     ctx.set_forkserver_preload(["megatron_gbl_lab.quiet", "megatron_gbl.patch",
-                                "megatron_gbl_lab.harness"])
+                                "megatron_gbl_lab.harness", *preload])
     results = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "rendezvous")

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Check that every patches/<tag>.patch applies to its Megatron-LM release tag.
+# Check that every patches/<ref>.patch applies to its Megatron-LM release tag or branch.
 #   scripts/check_patches.sh MEGATRON_LM_GIT_DIR [PATCH ...]    (default: patches/*.patch)
-# MEGATRON_LM_GIT_DIR is a Megatron-LM clone or bare mirror that has the tags. Per patch, the
-# tag's megatron/training/arguments.py is exported into a temporary directory, then:
-# `git apply --check`, `patch --dry-run -p1 --fuzz=0` (no fuzz: context must match exactly),
-# and the patched file must still compile. Prints one ok/FAIL line per tag.
+# MEGATRON_LM_GIT_DIR is a Megatron-LM clone or bare mirror with the tags and the branches main
+# and dev (a clone's origin/main, origin/dev do). Per patch, the ref's
+# megatron/training/arguments.py is exported into a temporary directory, then: `git apply
+# --check`, `patch --dry-run -p1 --fuzz=0` (no fuzz: context must match exactly), and the
+# patched file must still compile. Prints one ok/FAIL line per ref (main and dev move on).
 set -euo pipefail
 if [ $# -lt 1 ] || [ "$1" = -h ] || [ "$1" = --help ]; then
-  sed -n '2,7p' "$0"
+  sed -n '2,8p' "$0"
   [ $# -ge 1 ] && exit 0 || exit 2
 fi
 git_dir=$1
@@ -24,13 +25,16 @@ status=0
 for patch_file in "${patches[@]}"; do
   patch_file=$(cd "$(dirname "${patch_file}")" && pwd)/$(basename "${patch_file}")
   tag=$(basename "${patch_file}" .patch)
+  ref=${tag}
+  git -C "${git_dir}" rev-parse -q --verify "${ref}^{commit}" >/dev/null \
+    || ref=origin/${tag}  # a clone's remote branch
   tree=${work}/${tag}
   # Its own repository, so git apply works from the tree's root even if TMPDIR is in a repo.
   mkdir -p "${tree}" && git init -q "${tree}"
   log=${tree}.log
-  if ! git -C "${git_dir}" archive "${tag}" -- megatron/training/arguments.py 2>"${log}" \
+  if ! git -C "${git_dir}" archive "${ref}" -- megatron/training/arguments.py 2>"${log}" \
       | tar -x -C "${tree}" 2>>"${log}"; then
-    result="FAIL (tag not found: $(head -n 1 "${log}"))"
+    result="FAIL (ref not found: $(head -n 1 "${log}"))"
   elif ! (cd "${tree}" && git apply --check "${patch_file}") >"${log}" 2>&1; then
     result="FAIL (git apply --check: $(head -n 1 "${log}"))"
   elif ! (cd "${tree}" && patch --dry-run -p1 --fuzz=0 <"${patch_file}") >"${log}" 2>&1; then

@@ -1,13 +1,20 @@
 """Megatron-LM integration: the --moe-lbl-* flags, their validation, the launcher, the metrics.
 
-End-to-end runs go through torchrun, `-m megatron_gbl.launch` and a Megatron-LM-shaped entry
-script (tests/megatron_lm_shaped: the hook points of Megatron-LM's training code at the same
-names, a real Megatron-Core GPT-MoE, real gloo processes), and read back real TensorBoard events.
+End-to-end runs go through the launcher (`megatron_gbl.launch.main`, what `python -m
+megatron_gbl.launch` runs) on 4 gloo ranks, and read back the TensorBoard events Megatron-LM's
+logging wrote. Where the installed megatron-core wheel ships Megatron-LM's training code
+(`megatron.training`: 0.19, and 0.17-0.18 with pyyaml), that is the loop:
+tests/megatron_lm_entry/pretrain_gpt.py through the real argument parsing and validation,
+`pretrain` and logging, ranks forked by harness.run_gloo. Elsewhere the entry script is the
+stand-in tests/megatron_lm_shaped (the hook points of Megatron-LM's training code at the same
+names, a real Megatron-Core GPT-MoE), through torchrun.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import os
 import subprocess
 import sys
@@ -15,12 +22,42 @@ from pathlib import Path
 
 import pytest
 
+import workers
 from megatron_gbl import megatron_lm, metrics
+from megatron_gbl_lab import harness
 
-SHAPED = Path(__file__).parent / "megatron_lm_shaped"
-ENTRY = SHAPED / "pretrain_gpt.py"
-MODEL_ARGS = ["--num-experts", "8", "--moe-aux-loss-coeff", "1e-2", "--seq-length", "8",
-              "--micro-batch-size", "2", "--train-iters", "2"]
+
+
+def installed_training_loop() -> bool:
+    """Whether the installed megatron-core wheel ships Megatron-LM's training loop, importable
+    (0.17 and 0.18 ship it too, but it imports pyyaml, which they do not depend on)."""
+    try:
+        importlib.import_module("megatron.training.training")
+    except ImportError:
+        return False
+    return True
+
+
+REAL_LOOP = installed_training_loop()
+ENTRY = Path(__file__).parent / ("megatron_lm_entry" if REAL_LOOP else "megatron_lm_shaped") \
+    / "pretrain_gpt.py"
+SHAPE_ARGS = ["--seq-length", "8", "--micro-batch-size", "2", "--train-iters", "2"]
+MODEL_ARGS = ["--num-experts", "8", "--moe-aux-loss-coeff", "1e-2", *SHAPE_ARGS]
+# What the real loop needs beyond them (the stand-in has these as defaults): a tiny GPT-MoE,
+# mock data, no evaluation, every step logged, per-layer scalars; on CPU with gloo, the local
+# layers without fused GPU kernels and without gradient clipping (it asserts CUDA gradients).
+REAL_LOOP_ARGS = [
+    "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
+    "--ffn-hidden-size", "64", "--max-position-embeddings", "8", "--moe-router-topk", "2",
+    "--moe-token-dispatcher-type", "allgather", "--disable-bias-linear", "--lr", "1e-3",
+    "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "64",
+    "--num-workers", "0", "--eval-iters", "0", "--eval-interval", "1000", "--log-interval", "1",
+    "--moe-per-layer-logging", "--distributed-backend", "gloo", "--transformer-impl", "local",
+    "--no-gradient-accumulation-fusion", "--no-persist-layer-norm", "--no-bias-gelu-fusion",
+    "--no-bias-dropout-fusion", "--clip-grad", "0",
+] if REAL_LOOP else []
+PRELOAD = ("megatron.training.training",) if REAL_LOOP else ()  # imported once, not per rank
+CPU_LAUNCH = Path(__file__).parent / "real_megatron_lm" / "cpu_launch.py"
 
 
 def parse(argv):
@@ -41,13 +78,14 @@ def test_flags_parse_with_defaults_that_leave_megatron_untouched():
 
 
 def launch(argv, world_size=1, tmp_path=None, env=None):
-    """Run `-m megatron_gbl.launch` (through torchrun when world_size > 1)."""
+    """Run `-m megatron_gbl.launch` (through torchrun when world_size > 1); for Megatron-LM's
+    own loop, with the lab's CPU shims (CPU_LAUNCH: they, then the launcher's `main`)."""
     runner = [sys.executable, "-m", "torch.distributed.run", "--standalone",
               f"--nproc-per-node={world_size}"] if world_size > 1 else [sys.executable]
+    launcher = [CPU_LAUNCH] if REAL_LOOP else ["-m", "megatron_gbl.launch"]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([*runner, "-m", "megatron_gbl.launch", *map(str, argv)],
-                          capture_output=True, text=True, env=full_env, timeout=600,
-                          cwd=tmp_path)
+    return subprocess.run([*runner, *launcher, *map(str, argv)], capture_output=True, text=True,
+                          env=full_env, timeout=600, cwd=tmp_path)
 
 
 def tensorboard_scalars(log_dir: Path) -> tuple[dict, dict]:
@@ -61,18 +99,23 @@ def tensorboard_scalars(log_dir: Path) -> tuple[dict, dict]:
     return scalars, histograms
 
 
-def run_shaped(tmp_path, name, extra, global_batch_size):
+def run_training(tmp_path, name, extra, global_batch_size):
+    """Train 2 iterations on 4 ranks through the launcher; the TensorBoard scalars, histograms."""
     log_dir = tmp_path / name
-    result = launch([ENTRY, *MODEL_ARGS, "--global-batch-size", global_batch_size,
-                     "--tensorboard-dir", log_dir, *extra], world_size=4, tmp_path=tmp_path)
-    assert result.returncode == 0, result.stderr[-4000:]
+    argv = [ENTRY, *MODEL_ARGS, *REAL_LOOP_ARGS, "--global-batch-size", global_batch_size,
+            "--tensorboard-dir", log_dir, *extra]
+    if REAL_LOOP:
+        harness.run_gloo(workers.megatron_lm_training, 4, argv, timeout_s=300, preload=PRELOAD)
+    else:
+        result = launch(argv, world_size=4, tmp_path=tmp_path)
+        assert result.returncode == 0, result.stderr[-4000:]
     return tensorboard_scalars(log_dir)
 
 
 def test_launcher_enables_plugin_and_logs_the_megatron_way(tmp_path):
     # micro scope, 2 micro-batches per rank: the no-grad micro-batch LBL of the step equals the
     # LBL value Megatron's own tracker logged for the active (micro) scope.
-    micro, _ = run_shaped(tmp_path, "micro", ["--moe-lbl-scope", "micro"], 16)
+    micro, _ = run_training(tmp_path, "micro", ["--moe-lbl-scope", "micro"], 16)
     assert micro["micro_batch_lbl"] == pytest.approx(micro["load_balancing_loss"], rel=1e-5)
     for layer in (0, 1):
         assert micro[f"moe/micro_batch_lbl_layer_{layer}"] == pytest.approx(
@@ -80,7 +123,7 @@ def test_launcher_enables_plugin_and_logs_the_megatron_way(tmp_path):
 
     # global scope, one micro-batch per rank: the scoped loss (global f, local P), averaged over
     # DP, is the global-batch LBL; Balance BSZ is the global batch; histograms count every choice.
-    glob, histograms = run_shaped(
+    glob, histograms = run_training(
         tmp_path, "global", ["--moe-lbl-scope=global", "--moe-lbl-histogram-interval", "1"], 8)
     assert glob["global_batch_lbl"] == pytest.approx(glob["load_balancing_loss"], rel=1e-5)
     assert glob["global_batch_lbl"] != pytest.approx(glob["micro_batch_lbl"], rel=1e-5)
@@ -95,13 +138,13 @@ def test_launcher_enables_plugin_and_logs_the_megatron_way(tmp_path):
             assert histogram.bucket_limit == [e + 0.5 for e in range(8)]
 
     # No --moe-lbl-scope: Megatron untouched, no plugin metrics.
-    plain, _ = run_shaped(tmp_path, "plain", [], 8)
+    plain, _ = run_training(tmp_path, "plain", [], 8)
     assert "load_balancing_loss" in plain and "global_batch_lbl" not in plain
 
 
 def test_launcher_aux_free_and_scope_switch(tmp_path):
     # Aux-loss-free at global scope: no LBL names, the bias and the load violation logged.
-    aux_free, _ = run_shaped(tmp_path, "auxfree", [
+    aux_free, _ = run_training(tmp_path, "auxfree", [
         "--moe-lbl-scope", "global", "--moe-router-score-function", "sigmoid",
         "--moe-router-enable-expert-bias", "--moe-router-bias-update-rate", "1e-2",
         "--moe-router-load-balancing-type", "none", "--moe-aux-loss-coeff", "0"], 8)
@@ -111,29 +154,78 @@ def test_launcher_aux_free_and_scope_switch(tmp_path):
     assert aux_free["balance_bsz_tokens"] == [8 * 8] * 2
 
     # micro for one iteration, then global (2 micro-batches per rank at DP 4).
-    switched, _ = run_shaped(tmp_path, "switch", [
+    switched, _ = run_training(tmp_path, "switch", [
         "--moe-lbl-scope", "micro", "--moe-lbl-switch-scope", "global",
         "--moe-lbl-switch-iteration", "1"], 16)
     assert switched["balance_bsz_tokens"] == [2 * 8, 16 * 8]
 
 
+def launcher_outcome(argv):
+    """(exit status, stderr) of `python -m megatron_gbl.launch ARGV...` stopping before
+    training, run in a process forked from the warm server (no interpreter start-up)."""
+    return harness.run_gloo(workers.launcher_outcome, 1, argv, REAL_LOOP, timeout_s=300,
+                            preload=PRELOAD)[0]
+
+
 def test_launcher_errors_before_training(tmp_path):
-    result = launch([ENTRY, *MODEL_ARGS, "--moe-lbl-scope", "global",
+    # In a fresh interpreter, at the world size torchrun would give.
+    result = launch([ENTRY, *MODEL_ARGS, *REAL_LOOP_ARGS, "--moe-lbl-scope", "global",
                      "--moe-lbl-sync-group-size", "3"], env={"WORLD_SIZE": "4"})
     assert result.returncode != 0
     assert "--moe-lbl-sync-group-size" in result.stderr and "divide" in result.stderr
     assert "init_process_group" not in result.stderr  # failed in validation, before set-up
 
-    result = launch([ENTRY, "--moe-lbl-scope", "global"])
-    assert result.returncode != 0 and "--num-experts" in result.stderr
+    status, stderr = launcher_outcome([ENTRY, *SHAPE_ARGS, *REAL_LOOP_ARGS,
+                                       "--moe-lbl-scope", "global"])
+    assert status != 0 and "--num-experts" in stderr
 
-    result = launch([ENTRY, *MODEL_ARGS, "--moe-lbl-scope", "batch"])
-    assert result.returncode == 2 and "--moe-lbl-scope" in result.stderr
+    status, stderr = launcher_outcome([ENTRY, *MODEL_ARGS, *REAL_LOOP_ARGS,
+                                       "--moe-lbl-scope", "batch"])
+    assert status == 2 and "--moe-lbl-scope" in stderr
 
-    result = launch([tmp_path / "missing.py"])
-    assert result.returncode != 0 and "entry script" in result.stderr
+    status, stderr = launcher_outcome([tmp_path / "missing.py"])
+    assert status != 0 and "entry script" in stderr
 
+    # A script outside any Megatron-LM checkout: a wheel with megatron.training lets the
+    # launcher hook it; without one, the launcher says where megatron.training comes from.
     lone_script = tmp_path / "pretrain_gpt.py"
-    lone_script.write_text("import megatron.training\n")
-    result = launch([lone_script, "--moe-lbl-scope", "global"], tmp_path=tmp_path)
-    assert result.returncode != 0 and "Megatron-LM checkout" in result.stderr
+    lone_script.write_text("import megatron.training.arguments as arguments\n"
+                           "assert hasattr(arguments._add_moe_args, '__wrapped__')\n")
+    status, stderr = launcher_outcome([lone_script, "--moe-lbl-scope", "global"])
+    if REAL_LOOP:
+        assert status == 0, stderr[-4000:]
+    elif importlib.util.find_spec("megatron.training") is not None:  # a dependency missing
+        assert status != 0 and "megatron.training) imports" in stderr
+    else:
+        assert status != 0 and "Megatron-LM checkout" in stderr
+
+
+@pytest.mark.skipif(not REAL_LOOP, reason="pipeline parallelism needs Megatron-LM's own loop "
+                    "(megatron.training of the megatron-core wheel, not importable here)")
+@pytest.mark.parametrize("moe_layer_freq, moe_layer", [
+    ("[0,1]", 1),
+    pytest.param("[1,0]", 0, marks=pytest.mark.xfail(
+        REAL_LOOP and importlib.util.find_spec("megatron.core.transformer.moe.moe_logging") is None,
+        strict=True, raises=AssertionError,
+        reason="up to 0.17, Megatron's tracker reduction gives the placeholders of a stage "
+        "without MoE layers no data-parallel average, so its writer logs one DP rank's "
+        "micro-batch values (load_balancing_loss, micro_batch_*); global values are right")),
+], ids=["dense-first-stage", "dense-last-stage"])
+def test_pipeline_stage_without_moe_layers(tmp_path, moe_layer_freq, moe_layer):
+    """PP 2 x DP 2, one stage dense (first-k-dense models; the last stage holds the writer):
+    both stages join the same logging collectives (no hang, no crash), and the MoE stage's
+    metrics and histogram reach TensorBoard. One micro-batch per rank: the global-scope loss
+    is the global-batch LBL."""
+    scalars, histograms = run_training(tmp_path, "pp", [
+        "--pipeline-model-parallel-size", "2", "--moe-layer-freq", moe_layer_freq,
+        "--moe-lbl-scope", "global", "--moe-lbl-histogram-interval", "1"], 4)
+    assert scalars["global_batch_lbl"] == pytest.approx(scalars["load_balancing_loss"], rel=1e-5)
+    assert scalars["balance_bsz_tokens"] == [4 * 8] * 2  # global batch 4 sequences x 8 tokens
+    for name in (metrics.MICRO_LBL, metrics.MICRO_LOAD_VIOLATION, metrics.GLOBAL_LOAD_VIOLATION):
+        assert len(scalars[name]) == 2
+    dense_layer = 1 - moe_layer
+    assert scalars[f"moe/global_batch_lbl_layer_{dense_layer}"] == [0.0, 0.0]
+    assert scalars[f"moe/global_batch_lbl_layer_{moe_layer}"] == scalars["global_batch_lbl"]
+    assert list(histograms) == [f"moe/tokens_per_expert_layer_{moe_layer}"]
+    for histogram in histograms[f"moe/tokens_per_expert_layer_{moe_layer}"]:
+        assert histogram.num == sum(histogram.bucket) == 4 * 8 * 2  # tokens x top-2

@@ -419,7 +419,8 @@ def test_tiny_config():
 
 def test_patches_cover_the_supported_releases():
     assert {p.stem for p in PATCHES} >= SUPPORTED_TAGS
-    assert all(re.fullmatch(r"core_v\d+\.\d+\.\d+", p.stem) for p in PATCHES)
+    # Release tags, and Megatron-LM's moving branches main and dev.
+    assert all(re.fullmatch(r"core_v\d+\.\d+\.\d+|main|dev", p.stem) for p in PATCHES)
 
 
 @pytest.mark.parametrize("path", PATCHES, ids=lambda p: p.stem)

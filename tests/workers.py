@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import io
 import math
+import os
+import traceback
 
 import torch
 import torch.distributed as dist
 
 import megatron_gbl
-from megatron_gbl import compat
+from megatron_gbl import compat, launch
 from megatron_gbl_lab import harness
 
 SEQ, MICRO_BSZ = 6, 2
@@ -472,7 +475,6 @@ def _tensors(state_dict: dict) -> dict:
     return {k: v.clone() for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
 
 
-
 def failing_step_run(rank: int, world_size: int, spec: dict) -> dict:
     """Step A raises at its micro-batch `fail_call`, step B runs; against B alone, same start.
 
@@ -701,3 +703,32 @@ def blocks_from_router_groups(rank: int, world_size: int) -> dict:
     ranks = dist.get_process_group_ranks(block)
     megatron_gbl.disable()
     return {"error": error, "block_ranks": ranks}
+
+
+def megatron_lm_training(rank: int, world_size: int, argv: list) -> None:
+    """One rank of `python -m megatron_gbl.launch ENTRY ARGS...` (the launcher's own `main`)
+    through Megatron-LM's training loop on CPU: the process group is run_gloo's, the rest is
+    Megatron-LM's (it takes an initialized group as it finds it)."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+    harness.install_megatron_lm_shims()
+    launch.main([str(arg) for arg in argv])
+
+
+def launcher_outcome(rank: int, world_size: int, argv: list, cpu_shims: bool) -> tuple[int, str]:
+    """(exit status, stderr) of `python -m megatron_gbl.launch ARGV...` for a run that stops
+    before training, in this process: what the interpreter would print and return. With
+    `cpu_shims`, the installed megatron.training's (up to 0.17 it validates the arguments
+    after checking for CUDA)."""
+    if cpu_shims:
+        harness.install_megatron_lm_shims()
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        try:
+            launch.main([str(arg) for arg in argv])
+            return 0, stderr.getvalue()
+        except SystemExit as exit_:  # argparse's status, or the launcher's message
+            if isinstance(exit_.code, str):
+                return 1, stderr.getvalue() + exit_.code
+            return exit_.code or 0, stderr.getvalue()
+        except Exception:  # noqa: BLE001 - the traceback the interpreter would print
+            return 1, stderr.getvalue() + traceback.format_exc()

@@ -1,32 +1,20 @@
-"""`python -m megatron_gbl.launch` for a real Megatron-LM tree on CPU with gloo (not run in CI).
+"""`python -m megatron_gbl.launch` on CPU with gloo, for a Megatron-LM tree or the
+megatron.training of an installed megatron-core wheel (0.17 on; tests/test_megatron_lm.py runs
+the latter through it).
 
     torchrun --standalone --nproc-per-node 2 tests/real_megatron_lm/cpu_launch.py \\
         <Megatron-LM>/pretrain_gpt.py <args> --distributed-backend gloo --moe-lbl-scope=global
 
-Installs the harness's CPU shims plus two for megatron.training, then runs the launcher.
+Installs the lab's CPU shims for Megatron-LM's training loop, then runs the launcher.
 """
 
-import functools
-import importlib
 import os
 import sys
 
 from megatron_gbl import launch
 from megatron_gbl_lab import harness
 
-
-def install_megatron_training_shims(script: str) -> None:
-    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
-    initialize = importlib.import_module("megatron.training.initialize")
-    training = importlib.import_module("megatron.training.training")
-    # pretrain() asserts "Megatron requires CUDA" unless initialize_megatron(allow_no_cuda=True).
-    training.initialize_megatron = functools.partial(training.initialize_megatron,
-                                                     allow_no_cuda=True)
-    # Runs `make` for the dataset helpers (the wheel ships them built) and builds CUDA kernels.
-    initialize._compile_dependencies = lambda: None
-
-
 if __name__ == "__main__":
-    harness.install_cuda_runtime_shims()
-    install_megatron_training_shims(sys.argv[1])
+    sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[1])))  # as the launcher does
+    harness.install_megatron_lm_shims()
     launch.main()
