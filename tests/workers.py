@@ -331,7 +331,6 @@ def bias_router_runs(rank: int, world_size: int, specs: list) -> list:
     return [bias_router_steps(rank, world_size, spec) for spec in specs]
 
 
-
 AUX_FREE = dict(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
                 moe_router_bias_update_rate=1e-2, moe_router_load_balancing_type="none",
                 moe_aux_loss_coeff=0.0)
