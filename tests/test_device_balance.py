@@ -195,9 +195,9 @@ def test_launcher_logs_device_loss_and_violation(tmp_path):
     # one expert per device group (D = E = 8) and TP 1: the token group is the rank, so the
     # device-level loss is the micro-batch LBL and the device load violation the micro-batch
     # load violation, which the step metrics compute on another path.
-    from test_megatron_lm import run_shaped
+    from test_megatron_lm import run_training
 
-    scalars, _ = run_shaped(tmp_path, "device", [
+    scalars, _ = run_training(tmp_path, "device", [
         "--moe-lbl-scope", "global", "--moe-lbl-device-coeff", "1e-2",
         "--moe-lbl-device-groups", str(EXPERTS)], 16)
     assert scalars[metrics.DEVICE_LBL] == pytest.approx(scalars[metrics.MICRO_LBL], rel=1e-5)

@@ -27,7 +27,6 @@ from megatron_gbl import megatron_lm, metrics
 from megatron_gbl_lab import harness
 
 
-
 def installed_training_loop() -> bool:
     """Whether the installed megatron-core wheel ships Megatron-LM's training loop, importable
     (0.17 and 0.18 ship it too, but it imports pyyaml, which they do not depend on)."""
