@@ -12,7 +12,7 @@ Everything is decided by feature detection, never by version strings:
 - aux-loss tracker: a dict (in `parallel_state` in 0.12), one name for every LBL type until
   0.13, a name per type from 0.14; from 0.18 `moe_logging.get_moe_metrics_tracker().record`;
 - per-token-loss aux-loss scale: this rank's tokens, times the TP x CP size from 0.19;
-- MTP routers: 0.13-0.15 build every MTP layer's TransformerLayer with the default layer
+- MTP routers: 0.12-0.15 build every MTP layer's TransformerLayer with the default layer
   number 1, unmarked (steps.py refuses such a model: layer numbers collide); 0.16 numbers them
   after the decoder layers; 0.17+ mark them `is_mtp_layer` and number them from 1 again, and
   `mtp_use_repeated_layer` runs one MTP layer at every prediction depth.
@@ -259,7 +259,7 @@ def layer_index(router) -> int:
     Upstream's own: 0.17+ give the routers of multi-token-prediction layers `is_mtp_layer` and
     number them from 1 again, and record them after the decoder layers (`layer_number +
     num_layers`, router.attach_and_log_load_balancing_loss); 0.16 numbers them after the decoder
-    layers already; 0.13-0.15 give them all number 1 (steps.py refuses such a model).
+    layers already; 0.12-0.15 give them all number 1 (steps.py refuses such a model).
     """
     if getattr(router, "is_mtp_layer", False):
         return router.layer_number + router.config.num_layers

@@ -225,7 +225,7 @@ def _check_distinct_layers(routers: list[TopKRouter]) -> None:
                 f"megatron_gbl: two MoE layers of this model both have layer number {layer}, so "
                 "their load-balancing statistics and logs would mix. Megatron-Core numbers the "
                 "MoE layers of multi-token-prediction layers from 1 again without marking them "
-                "as MTP layers in 0.13-0.15 and in a HybridModel: for MoE in MTP layers "
+                "as MTP layers in 0.12-0.15 and in a HybridModel: for MoE in MTP layers "
                 "(--mtp-num-layers) use a GPTModel on Megatron-Core >= 0.16, or leave 'E' out of "
                 "the MTP part of --hybrid-layer-pattern (after '/'), or drop --moe-lbl-scope"
             )

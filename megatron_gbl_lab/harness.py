@@ -256,7 +256,8 @@ def build_gpt_moe(config, vocab_size: int = 64, max_sequence_length: int = 64, s
 def build_hybrid_moe(config, pattern: str, vocab_size: int = 64, max_sequence_length: int = 64,
                      seed: int = 0):
     """A real Megatron-Core HybridModel (0.18+) whose layers follow `pattern`: '*' attention,
-    'E' MoE (config.num_layers = len(pattern)).
+    'E' MoE (config.num_layers = the decoder's layers), then '/' and the layers of each
+    multi-token-prediction depth (config.mtp_num_layers = the depths).
 
     Upstream's hybrid_stack_spec is built from Transformer Engine modules only, so the '*' and
     'E' layers here are the attention and MoE halves of the local GPT layer spec, and the stack's
@@ -266,6 +267,8 @@ def build_hybrid_moe(config, pattern: str, vocab_size: int = 64, max_sequence_le
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.models.hybrid import hybrid_block
     from megatron.core.models.hybrid.hybrid_model import HybridModel
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+    from megatron.core.transformer import multi_token_prediction as mtp
     from megatron.core.transformer.spec_utils import ModuleSpec
     from megatron.core.transformer.transformer_layer import (
         MoETransformerLayer, TransformerLayer, TransformerLayerSubmodules)
@@ -276,13 +279,23 @@ def build_hybrid_moe(config, pattern: str, vocab_size: int = 64, max_sequence_le
                                            self_attn_bda=gpt.self_attn_bda)
     moe = TransformerLayerSubmodules(pre_mlp_layernorm=gpt.pre_mlp_layernorm, mlp=gpt.mlp,
                                      mlp_bda=gpt.mlp_bda)
+    norm = gpt.input_layernorm
+    # The MTP depth's norms and projection; its layers come from the pattern after '/'.
+    mtp_layer = mtp.MultiTokenPredictionLayerSubmodules(
+        enorm=norm, hnorm=norm, eh_proj=ColumnParallelLinear, mtp_model_layer=None,
+        layer_norm=norm)
+    mtp_block = ModuleSpec(module=mtp.MultiTokenPredictionBlock,
+                           submodules=mtp.MultiTokenPredictionBlockSubmodules(layer_specs=[
+                               ModuleSpec(module=mtp.MultiTokenPredictionLayer,
+                                          submodules=mtp_layer)]))
     stack = ModuleSpec(module=hybrid_block.HybridStack,
                        submodules=hybrid_block.HybridStackSubmodules(
                            attention_layer=ModuleSpec(module=TransformerLayer,
                                                       submodules=attention),
-                           moe_layer=ModuleSpec(module=MoETransformerLayer, submodules=moe)))
+                           moe_layer=ModuleSpec(module=MoETransformerLayer, submodules=moe),
+                           mtp_block_spec=mtp_block))
     torch.manual_seed(seed)
-    te_norm, hybrid_block.TENorm = hybrid_block.TENorm, gpt.input_layernorm
+    te_norm, hybrid_block.TENorm = hybrid_block.TENorm, norm
     try:
         model = HybridModel(
             config=config, hybrid_stack_spec=stack, vocab_size=vocab_size,

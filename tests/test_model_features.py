@@ -85,7 +85,8 @@ def assert_same_training(ours: dict, upstream: dict, label: str) -> None:
                                rtol=1e-6, atol=0)
 
 
-@pytest.mark.skipif("mtp_num_layers" not in FIELDS, reason="MTP needs megatron-core>=0.13")
+@pytest.mark.skipif("mtp_num_layers" not in FIELDS,
+                    reason="no multi-token prediction in this megatron-core")
 @pytest.mark.parametrize("repeated", [False, True] if "mtp_use_repeated_layer" in FIELDS
                          else [False])
 def test_mtp_layers_balanced_like_the_decoder_layers(repeated):
@@ -100,7 +101,7 @@ def test_mtp_layers_balanced_like_the_decoder_layers(repeated):
     upstream, micro = per_rank[0][:2]
     layers = [router["layer"] for router in upstream["routers"]]
     if "error" in micro:
-        # 0.13-0.15 number the MTP layers' MoE layers from 1, unmarked: refused, not mixed.
+        # 0.12-0.15 number the MTP layers' MoE layers from 1, unmarked: refused, not mixed.
         assert len(set(layers)) < len(layers)
         assert "layer number 1" in micro["error"] and "--mtp-num-layers" in micro["error"]
         return
@@ -127,8 +128,12 @@ def test_hybrid_model_moe_layers():
         spec(None, config=layers, **hybrid), spec("micro", config=layers, **hybrid),
         dict(own_lbl_spec("global", layers), **hybrid),
         spec(None, config=aux_free, step_seeds=[5, 6, 7], **hybrid),
-        spec("global", config=aux_free, step_seeds=[5, 6, 7], **hybrid)])
-    upstream, micro, _, upstream_bias, ours_bias = per_rank[0]
+        spec("global", config=aux_free, step_seeds=[5, 6, 7], **hybrid),
+        # Two MTP depths with an MoE layer each: numbered 2 again, like the decoder's first.
+        spec("global", config=dict(layers, mtp_num_layers=2, mtp_loss_scaling_factor=0.1),
+             pattern="*E*E/*E/*E")])
+    upstream, micro, _, upstream_bias, ours_bias, with_mtp = per_rank[0]
+    assert "layer number 2" in with_mtp["error"] and "--hybrid-layer-pattern" in with_mtp["error"]
     assert [router["layer"] for router in upstream["routers"]] == [2, 4]  # the 'E's
     assert_same_training(micro, upstream, "HybridModel, scope micro")
     assert_global_matches_reference(per_rank, 2, "HybridModel, scope global")
