@@ -1,28 +1,39 @@
-"""The only module that knows how Megatron-Core versions differ (0.12.x, 0.14.x, 0.16.x).
+"""The only module that knows how Megatron-Core versions differ (0.12.x to 0.19.x).
 
 Everything is decided by feature detection, never by version strings:
 
-| feature                                  | 0.12-0.13                          | 0.14                       | 0.15-0.16                      |
-|------------------------------------------|------------------------------------|----------------------------|--------------------------------|
-| where upstream's LBL is switched off     | `TopKRouter.apply_load_balancing_loss` | `TopKRouter.is_aux_loss_enabled` | same as 0.14           |
-| aux scores                               | `router.compute_routing_scores_for_aux_loss(logits)` | `moe_utils.compute_routing_scores_for_aux_loss(logits, topk, fn, fused)` | same |
-| router process groups                    | `parallel_state`                   | `router.tp_cp_group`       | + `router.tp_dp_cp_group`      |
-| `routing(logits, padding_mask)`          | no mask                            | no mask                    | mask from 0.16 (True = padding)|
-| aux-loss tracker                         | `parallel_state`, one name for all LBLs | `moe_utils`, a name per type | same as 0.14               |
-
-0.17-0.19 (Python >= 3.12, not installable here) keep these entry points; the differences that
-matter to this module are written down in README.md ("Megatron-Core versions").
+- upstream's LBL is switched off through `TopKRouter.apply_load_balancing_loss` (0.12-0.13) or
+  `TopKRouter.is_aux_loss_enabled` (0.14+);
+- aux scores: `router.compute_routing_scores_for_aux_loss(logits)` (0.12-0.13), then
+  `moe_utils.compute_routing_scores_for_aux_loss(logits, topk, score_function, fused)`;
+- router process groups: `parallel_state` (0.12-0.13), `router.tp_cp_group` (0.14+),
+  `router.tp_dp_cp_group` (0.15+);
+- `routing(logits, padding_mask)` takes a padding mask (True = padding) from 0.16;
+- aux-loss tracker: a dict (in `parallel_state` in 0.12), one name for every LBL type until
+  0.13, a name per type from 0.14; from 0.18 `moe_logging.get_moe_metrics_tracker().record`;
+- per-token-loss aux-loss scale: this rank's tokens, times the TP x CP size from 0.19;
+- MTP routers: 0.12-0.15 build every MTP layer's TransformerLayer with the default layer
+  number 1, unmarked (steps.py refuses such a model: layer numbers collide); 0.16 numbers them
+  after the decoder layers; 0.17+ mark them `is_mtp_layer` and number them from 1 again, and
+  `mtp_use_repeated_layer` runs one MTP layer at every prediction depth.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 from typing import Optional
 
 import torch
 from megatron.core import parallel_state
 from megatron.core.transformer.moe import moe_utils
 from megatron.core.transformer.moe.router import TopKRouter
+
+try:  # 0.18+: one tracker object (moe_logging); the dict functions of moe_utils remain as shims
+    from megatron.core.transformer.moe import moe_logging
+except ImportError:
+    moe_logging = None
 
 LBL_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss")
 
@@ -218,24 +229,81 @@ def model_parallel_ready() -> bool:
     return torch.distributed.is_initialized() and parallel_state.model_parallel_is_initialized()
 
 
-def aux_losses_tracker() -> dict:
-    """Megatron's per-layer aux-loss tracker dict (moe_utils from 0.13, parallel_state before)."""
-    owner = moe_utils if hasattr(moe_utils, "get_moe_layer_wise_logging_tracker") else parallel_state
+def log_to_tracker(router, name: str, value: torch.Tensor, *, avg_group,
+                   reduce_group=None) -> None:
+    """Add a router's per-layer value to Megatron's aux-loss tracker under `name`.
+
+    What Megatron-LM then reports is the value summed over the pipeline stages and over
+    `reduce_group`, then averaged over `avg_group`, and nothing else (reports show the mean over
+    MoE layers). The data-parallel average Megatron adds on its own is turned off where it can be:
+    0.18+ with `needs_dp_avg=False`, 0.16-0.17 with `reduce_group_has_dp=True` (their average
+    follows a `reduce_group` sum); 0.12-0.13 add none. 0.14-0.15 always average over DP x CP
+    last: a no-op, because `avg_group` must contain every data-parallel and context-parallel
+    rank of the stage, so after its average they all hold the same value.
+    """
+    layer, num_layers = layer_index(router), tracker_num_layers(router.config)
+    if moe_logging is not None:
+        moe_logging.get_moe_metrics_tracker().record(
+            name, value.detach(), layer, num_layers, reduce_group=reduce_group,
+            avg_group=avg_group, needs_dp_avg=False)
+        return
+    moe_utils.save_to_aux_losses_tracker(name, value.detach(), layer, num_layers,
+                                         reduce_group=reduce_group, avg_group=avg_group,
+                                         **_no_dp_average())
+
+
+@functools.cache
+def _no_dp_average() -> dict:
+    """The keyword that skips 0.16-0.17's data-parallel average after the reduce_group sum."""
+    parameters = inspect.signature(moe_utils.save_to_aux_losses_tracker).parameters
+    return {"reduce_group_has_dp": True} if "reduce_group_has_dp" in parameters else {}
+
+
+def tracker_values() -> dict[str, torch.Tensor]:
+    """What Megatron's aux-loss tracker holds on this rank, before its reduction: name -> a copy
+    of the per-layer values [decoder layers + MTP layers] (slot `layer_index(router) - 1`)."""
+    if moe_logging is not None:
+        return {name: entry.values.clone()
+                for name, entry in moe_logging.get_moe_metrics_tracker().metrics.items()}
+    return {name: entry["values"].clone() for name, entry in _tracker_dict().items()}
+
+
+def clear_tracker() -> None:
+    """Drop every entry of Megatron's aux-loss tracker, names included."""
+    if moe_logging is not None:
+        moe_logging.destroy_moe_metrics_tracker()  # the next record() starts a new one
+    else:
+        _tracker_dict().clear()
+
+
+def _tracker_dict() -> dict:
+    """0.12-0.17's tracker: a dict (moe_utils from 0.13, parallel_state before)."""
+    owner = moe_utils if hasattr(moe_utils, "get_moe_layer_wise_logging_tracker") \
+        else parallel_state
     return owner.get_moe_layer_wise_logging_tracker()
 
 
-def log_to_tracker(router, name: str, value: torch.Tensor, reduce_group=None,
-                   avg_group=None) -> None:
-    """Add a router's per-layer value to Megatron's aux-loss tracker under `name`.
+def layer_index(router) -> int:
+    """The router's 1-based slot in the tracker's per-layer vectors (its key in the plugin's).
 
-    Megatron's tracker reduction sums it over the pipeline stages and `reduce_group`, then
-    averages it over `avg_group`; on top, 0.14-0.15 always and 0.16 after a `reduce_group`
-    average over data parallel (0.12-0.13 never do). Reports show the mean over MoE layers.
+    Upstream's own: 0.17+ give the routers of multi-token-prediction layers `is_mtp_layer` and
+    number them from 1 again, and record them after the decoder layers (`layer_number +
+    num_layers`, router.attach_and_log_load_balancing_loss); 0.16 numbers them after the decoder
+    layers already; 0.12-0.15 give them all number 1 (steps.py refuses such a model).
     """
-    moe_utils.save_to_aux_losses_tracker(
-        name, value.detach(), router.layer_number, tracker_num_layers(router.config),
-        reduce_group=reduce_group, avg_group=avg_group,
-    )
+    if getattr(router, "is_mtp_layer", False):
+        return router.layer_number + router.config.num_layers
+    return router.layer_number
+
+
+def calls_per_microbatch(router) -> int:
+    """Training calls of a router per micro-batch: `mtp_num_layers` for the one MTP layer that
+    `mtp_use_repeated_layer` (0.17+) runs at every prediction depth, else 1. Upstream divides
+    that layer's aux loss by the same number, so a step counts it once."""
+    config = router.config
+    if getattr(router, "is_mtp_layer", False) and getattr(config, "mtp_use_repeated_layer", False):
+        return config.mtp_num_layers
+    return 1
 
 
 def pipeline_group():
@@ -250,13 +318,18 @@ def tracker_num_layers(config) -> int:
 def aux_loss_backward_scale(router, num_local_tokens):
     """The factor Megatron's MoEAuxLossAutoScaler gives an aux loss's gradient; None for 1.
 
-    That is the main loss's scale (1 / micro-batches, and the loss scaler's factor); in
-    per-token-loss mode Megatron divides every gradient by the global token count, and scaling
-    by the local count (an int or int64 []) restores the per-micro-batch mean (as upstream does).
+    That is the main loss's scale (1 / micro-batches, and the loss scaler's factor). In
+    per-token-loss mode Megatron divides every gradient by the global token count instead, which
+    holds every token of the TP x CP group once; multiplying the aux loss back by this rank's
+    valid tokens (an int or int64 []) times the TP x CP size restores the per-micro-batch mean.
+    That is upstream's scale from 0.19 (Megatron-LM PR 5047); before, upstream left the TP x CP
+    size out, so its aux losses were TP x CP times too weak with per-token loss (issue 1652). The
+    plugin applies the correct scale on every version (README, "Per-token loss").
     """
     scale = moe_utils.MoEAuxLossAutoScaler.main_loss_backward_scale
     if router.config.calculate_per_token_loss:
-        scale = num_local_tokens if scale is None else scale * num_local_tokens
+        num_tokens = num_local_tokens * torch.distributed.get_world_size(tp_cp_group(router))
+        scale = num_tokens if scale is None else scale * num_tokens
     return scale
 
 
@@ -326,3 +399,5 @@ def grad_scaler_skips_non_finite(config) -> bool:
     the run at the NaN loss, before the step ends.
     """
     return bool(getattr(config, "fp16", False))
+
+

@@ -225,6 +225,18 @@ def router_balancing(config, settings: Optional[Settings] = None) -> Balancing:
     if bias_update_rate == 0:
         bias_update_rate = None  # a frozen bias: nothing to update, at any scope
     pairs = compat.lbl_types_and_coeffs(config)
+    if any(lbl_type == "quantile_balancing" for lbl_type, _ in pairs):
+        # Checked before expert bias drops coefficient-0 types: never left running unscoped.
+        raise ValueError(
+            "megatron_gbl: moe_router_load_balancing_type='quantile_balancing' "
+            "(--moe-router-load-balancing-type) balances with a per-expert bias that "
+            "Megatron-Core solves from each micro-batch's router logits and averages over the "
+            "global batch once per step; the plugin cannot give it a scope (that would need "
+            "the quantiles of the whole balance group's logits, not a sum of expert counts). "
+            "Use aux_loss, seq_aux_loss or global_aux_loss with --moe-aux-loss-coeff > 0, or "
+            "auxiliary-loss-free balancing (--moe-router-enable-expert-bias), or drop "
+            "--moe-lbl-scope / call megatron_gbl.disable()"
+        )
     if bias_update_rate is not None:
         # Beside expert bias, Megatron computes no LBL of type "none" or coefficient 0 (its
         # defaults): balancing is then auxiliary-loss-free alone.

@@ -58,7 +58,11 @@ class RouterState:
     """What the plugin keeps on one TopKRouter (as `router._megatron_gbl`)."""
 
     balancing: Balancing
-    buffer: StepBuffer = field(default_factory=StepBuffer)
+    # > 1 for the one MTP layer `mtp_use_repeated_layer` runs at every prediction depth: each
+    # call of a micro-batch is a depth, balanced with its own buffer, its loss weighted
+    # 1 / calls_per_microbatch like upstream's (compat.calls_per_microbatch).
+    calls_per_microbatch: int = 1
+    depth_buffers: list = field(init=False)  # [StepBuffer] per call of a micro-batch
     bias: Optional[ExpertBiasUpdater] = None
     in_step: bool = False  # started, not yet finished or discarded
     expected_microbatches: Optional[int] = None
@@ -80,12 +84,28 @@ class RouterState:
     shuffle_generator: Optional[torch.Generator] = None
 
     def __post_init__(self):
+        self.depth_buffers = [StepBuffer() for _ in range(self.calls_per_microbatch)]
         if self.balancing.bias_update_rate is not None:
             self.bias = ExpertBiasUpdater(self.balancing.bias_update_rate)
 
+    @property
+    def buffer(self) -> StepBuffer:
+        """The buffer of the last call's depth (the only one, but for a repeated MTP layer).
+
+        Its calls come in the same depth order in every micro-batch (forward order, or reversed
+        by a recompute replay in backward), so call k * R + j is always depth slot j.
+        """
+        return self.depth_buffers[(self.calls - 1) % self.calls_per_microbatch]
+
+    @property
+    def loss_share(self) -> float:
+        """The weight of one call's loss: 1 / (calls per micro-batch)."""
+        return 1.0 / self.calls_per_microbatch
+
     def start_step(self, expected_microbatches: Optional[int] = None,
                    expert_bias: Optional[torch.Tensor] = None) -> None:
-        self.buffer.reset()
+        for buffer in self.depth_buffers:
+            buffer.reset()
         self.microbatch_stats.clear()
         self.load_counts.clear()
         self.lbl_terms.clear()
@@ -122,13 +142,18 @@ class RouterState:
         return not self.logit_sums or bool(torch.isfinite(torch.stack(self.logit_sums)).all())
 
     def count_call(self) -> None:
-        """One more training call (micro-batch) of this step; refuse one too many."""
-        if self.expected_microbatches is not None and self.calls >= self.expected_microbatches:
+        """One more training call (micro-batch, or depth of a repeated MTP layer) of this step;
+        refuse one too many."""
+        expected = None if self.expected_microbatches is None \
+            else self.expected_microbatches * self.calls_per_microbatch
+        if expected is not None and self.calls >= expected:
+            per_microbatch = "" if self.calls_per_microbatch == 1 else \
+                f" ({self.calls_per_microbatch} calls each: a repeated MTP layer)"
             raise RuntimeError(
                 f"megatron_gbl: a router ran {self.calls + 1} training forwards in a step of "
-                f"{self.expected_microbatches} micro-batches, so a micro-batch would be counted "
-                "twice. Non-reentrant activation checkpointing re-runs the router with "
-                "gradients on; use Megatron's recompute (--recompute-granularity / "
+                f"{self.expected_microbatches} micro-batches{per_microbatch}, so a micro-batch "
+                "would be counted twice. Non-reentrant activation checkpointing re-runs the "
+                "router with gradients on; use Megatron's recompute (--recompute-granularity / "
                 "--recompute-modules), which replays it once"
             )
         self.calls += 1
@@ -176,7 +201,8 @@ def apply_scoped_lbl(
     local_group = compat.tp_cp_group(router)
 
     micro_weights = None
-    if settings.micro_coeff:
+    micro_coeff = settings.micro_coeff * state.loss_share
+    if micro_coeff:
         micro_counts = PendingSum(_to_sum(local_counts, local_group), local_group,
                                   settings.blocking_sync,
                                   _what("micro-batch expert-count sum", router))
@@ -185,7 +211,7 @@ def apply_scoped_lbl(
             counts = micro_counts.wait()
             num_tokens = counts[-1]
             return load_balancing_weights(counts[:-1], num_tokens, num_tokens, router.topk,
-                                          num_experts, settings.micro_coeff,
+                                          num_experts, micro_coeff,
                                           tokens_nonzero=tokens_nonzero)
 
     if settings.scope == "seq":
@@ -317,7 +343,8 @@ def _batch_weights(router, state, settings, counts, group, replicas: int, bsz: i
         num_tokens_for_p = synced.wait()[-1] if settings.scope == "global" else num_tokens_for_f
         # P is a mean over T_k / R tokens per replica: T_k tokens and R x the coefficient.
         return load_balancing_weights(tokens_per_expert_E, num_tokens_for_f, num_tokens_for_p,
-                                      router.topk, num_experts, state.balancing.coeff * replicas,
+                                      router.topk, num_experts,
+                                      state.balancing.coeff * state.loss_share * replicas,
                                       tokens_nonzero=tokens_nonzero)
 
     return weights
@@ -344,7 +371,7 @@ def _sequence_weights(router, state, settings, scores_TE, routing_map_TE, num_lo
         counts = synced.wait()
         num_tokens = counts[-1]
         return load_balancing_weights(counts[:-1], num_tokens, num_tokens, router.topk,
-                                      num_experts, state.balancing.coeff * bsz,
+                                      num_experts, state.balancing.coeff * state.loss_share * bsz,
                                       tokens_nonzero=tokens_nonzero)
 
     return scores_TE.reshape(seq_length, bsz * num_experts).sum(dim=0), weights
@@ -365,7 +392,7 @@ def _shuffled_counts(router, state, settings, routing_map_TE, valid_T1):
     if state.shuffle_generator is None:
         dp_rank, _ = compat.data_parallel_rank_and_size()
         state.shuffle_generator = torch.Generator(device=routing_map_TE.device).manual_seed(
-            (settings.shuffle_seed << 32) + (dp_rank << 16) + router.layer_number)
+            (settings.shuffle_seed << 32) + (dp_rank << 16) + compat.layer_index(router))
     generator = state.shuffle_generator
     num_experts = routing_map_TE.shape[-1]
     return lambda num_tokens: draw_shuffled_counts(gathered.wait(), num_tokens, num_experts,
@@ -453,7 +480,7 @@ def _to_sum(local_counts: torch.Tensor, group) -> torch.Tensor:
 
 
 def _what(collective: str, router) -> str:
-    return f"the {collective} of MoE layer {router.layer_number}"
+    return f"the {collective} of MoE layer {compat.layer_index(router)}"
 
 
 def _size(group) -> int:

@@ -182,15 +182,15 @@ def _log_step(original, names: tuple, histogram_interval: int, histogram_shape: 
     """
     bound = inspect.signature(original).bind(*args, **kwargs)
     call = bound.arguments
-    routers = {router.layer_number: router for router in steps.routers()}
+    routers = {compat.layer_index(router): router for router in steps.routers()}
     step = metrics.step_metrics(list(routers.values()))  # collectives within this stage only
     if step is not None:
         # The tracker multiplies everything by loss_scale (1 / micro-batches): undo it for
         # values that are per step, not sums over micro-batches. Averaging over TP x DP x CP
         # gives the data-parallel mean of the micro-batch values and leaves the global ones.
         for name, values_L in step.values.items():
-            for layer_number, value in zip(step.layer_numbers, values_L):
-                router = routers[layer_number]
+            for layer, value in zip(step.layer_numbers, values_L):
+                router = routers[layer]
                 compat.log_to_tracker(router, name, value.float() / call["loss_scale"],
                                       avg_group=compat.tp_dp_cp_group(router))
     # From the configuration, not from this rank's metrics: the same names on every stage.

@@ -56,6 +56,7 @@ def names(has_lbl: bool, has_expert_bias: bool) -> tuple[str, ...]:
 class StepMetrics:
     """One training step's statistics for the routers of this pipeline stage.
 
+    layer_numbers: compat.layer_index of each router (MTP layers after the decoder's).
     values: name (see `names`) -> float64 [L], in the order of `layer_numbers`.
     global_tokens_per_expert: int64 [L, E], expert load over the whole global batch.
     """
@@ -120,7 +121,7 @@ def step_metrics(routers: Sequence) -> Optional[StepMetrics]:
         values[EXPERT_BIAS_STD] = torch.stack([router.expert_bias.detach().double().std()
                                                for router in routers])
     return StepMetrics(
-        layer_numbers=[router.layer_number for router in routers],
+        layer_numbers=[compat.layer_index(router) for router in routers],
         values=values,
         global_tokens_per_expert=global_load.round().long(),
     )
@@ -130,8 +131,9 @@ def log_lbl(routers: Sequence) -> None:
     """Add this step's LBL of every router to Megatron's aux-loss tracker, once per step.
 
     Upstream adds loss / coeff per call; the plugin adds Σ_k w_k · s_k / coeff over the step's
-    micro-batches k (= Σ_k L_k / coeff, the same sum), from the weights and probability sums
-    its backward kept: no logging kernels per call. Megatron's tracker reduction sums it over
+    micro-batches k (= Σ_k L_k / coeff, the same sum; the calls of a repeated MTP layer carry
+    their 1 / depths share of it, as upstream's do), from the weights and probability sums its
+    backward kept: no logging kernels per call. Megatron's tracker reduction sums it over
     TP x CP (as upstream's aux_loss) and averages it over data parallel on every version
     (0.12-0.13 trackers log one rank's value for upstream's own losses).
     """

@@ -117,7 +117,7 @@ def _routing(original, self, logits, *args, **kwargs):
     counting = torch.is_grad_enabled()
     if counting:
         if not state.in_step:
-            raise RuntimeError(_NO_STEP_BOUNDARY.format(layer=self.layer_number))
+            raise RuntimeError(_NO_STEP_BOUNDARY.format(layer=compat.layer_index(self)))
         state.count_call()
         state.note_logits(logits)
     if state.bias is not None:

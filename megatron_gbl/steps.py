@@ -169,7 +169,7 @@ def routers(model: Optional[Model] = None) -> list[TopKRouter]:
     """The TopKRouters of `model`, or every router the plugin has seen in training."""
     if model is not None:
         return _routers_of(model)
-    return sorted(_ROUTERS, key=lambda router: router.layer_number)
+    return sorted(_ROUTERS, key=compat.layer_index)
 
 
 def step_metrics(model: Optional[Model] = None) -> Optional[metrics.StepMetrics]:
@@ -183,9 +183,9 @@ def step_metrics(model: Optional[Model] = None) -> Optional[metrics.StepMetrics]
 
 
 def balance_bsz(model: Model) -> dict[int, BalanceBSZ]:
-    """Per layer number: the tokens and sequences f_i (or the expert load) was computed over at
-    the last call."""
-    sizes = {router.layer_number: router._megatron_gbl.balance_bsz
+    """Per layer number (MTP layers after the decoder's, as in Megatron's logs): the tokens and
+    sequences f_i (or the expert load) was computed over at the last call."""
+    sizes = {compat.layer_index(router): router._megatron_gbl.balance_bsz
              for router in _routers_of(model)}
     return {layer: size for layer, size in sizes.items() if size is not None}
 
@@ -229,7 +229,7 @@ def _logits_finite(routers: list[TopKRouter], in_step: list[TopKRouter]) -> bool
 
 
 def _non_finite_layers(routers: list[TopKRouter]) -> list[int]:
-    return [router.layer_number for router in routers
+    return [compat.layer_index(router) for router in routers
             if not router._megatron_gbl.logits_finite()]
 
 
@@ -261,6 +261,7 @@ def _routers_of(model: Model) -> list[TopKRouter]:
             "megatron_gbl is enabled but the model has no MoE layer (no TopKRouter): set "
             "num_moe_experts in the TransformerConfig, or call megatron_gbl.disable()"
         )
+    _check_distinct_layers(routers)
     for router in routers:
         router_state(router)
     return routers
@@ -275,10 +276,28 @@ def _stage_of_moe_model(chunks: list) -> bool:
                and getattr(config, "num_moe_experts", None) for config in configs)
 
 
+def _check_distinct_layers(routers: list[TopKRouter]) -> None:
+    """Refuse a model whose MoE layers share a layer number: their logs, Balance BSZ and
+    histograms are kept per layer number and would mix."""
+    by_layer: dict[int, TopKRouter] = {}
+    for router in routers:
+        layer = compat.layer_index(router)
+        if by_layer.setdefault(layer, router) is not router:
+            raise ValueError(
+                f"megatron_gbl: two MoE layers of this model both have layer number {layer}, so "
+                "their load-balancing statistics and logs would mix. Megatron-Core numbers the "
+                "MoE layers of multi-token-prediction layers from 1 again without marking them "
+                "as MTP layers in 0.12-0.15 and in a HybridModel: for MoE in MTP layers "
+                "(--mtp-num-layers) use a GPTModel on Megatron-Core >= 0.16, or leave 'E' out of "
+                "the MTP part of --hybrid-layer-pattern (after '/'), or drop --moe-lbl-scope"
+            )
+
+
 def router_state(router: TopKRouter) -> RouterState:
     state = getattr(router, _STATE_ATTR, None)
     if state is None:
-        state = RouterState(router_balancing(router.config, _SETTINGS))
+        state = RouterState(router_balancing(router.config, _SETTINGS),
+                            calls_per_microbatch=compat.calls_per_microbatch(router))
         setattr(router, _STATE_ATTR, state)
         _ROUTERS.add(router)
     return state
@@ -317,7 +336,7 @@ def sync_group(router: TopKRouter, settings: Settings):
         if dist.get_process_group_ranks(tp_dp_cp) != dist.get_process_group_ranks(sources[0]):
             raise RuntimeError(
                 f"megatron_gbl: the balance blocks of sync_group_size={settings.sync_group_size} "
-                f"were cut from another TP x DP x CP group than MoE layer {router.layer_number}'s "
+                f"were cut from another TP x DP x CP group than MoE layer {compat.layer_index(router)}'s "
                 "(a model built with its own process groups): call megatron_gbl.disable(), then "
                 "megatron_gbl.enable(..., model=model) on every rank to cut them from the "
                 "model's groups"

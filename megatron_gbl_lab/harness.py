@@ -286,7 +286,8 @@ def moe_config(**overrides):
 def build_gpt_moe(config, vocab_size: int = 64, max_sequence_length: int = 64, seed: int = 0,
                   vp_stage: Optional[int] = None):
     """A real Megatron-Core GPTModel with MoE layers: this rank's pipeline stage, or its model
-    chunk `vp_stage` under a virtual pipeline (interleaved schedule).
+    chunk `vp_stage` under a virtual pipeline (interleaved schedule), and its
+    multi-token-prediction block when `config.mtp_num_layers` is set.
 
     Layers are dense or MoE as `config.moe_layer_freq` says (Megatron's decoder block spec,
     local modules), split over the stages as Megatron splits them (uneven first / last stages
@@ -297,7 +298,8 @@ def build_gpt_moe(config, vocab_size: int = 64, max_sequence_length: int = 64, s
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_decoder_block_spec, get_gpt_layer_local_spec)
 
     stage = {} if vp_stage is None else {"vp_stage": vp_stage}
     block_spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, **stage)
@@ -310,6 +312,13 @@ def build_gpt_moe(config, vocab_size: int = 64, max_sequence_length: int = 64, s
             layer_spec.submodules.pre_mlp_layernorm = SequenceParallelLayerNorm
     if config.sequence_parallel:
         block_spec.layer_norm = SequenceParallelLayerNorm
+    mtp = {}
+    if getattr(config, "mtp_num_layers", None):
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
+
+        mtp["mtp_block_spec"] = get_gpt_mtp_block_spec(
+            config, get_gpt_layer_local_spec(num_experts=config.num_moe_experts),
+            use_transformer_engine=False)
     torch.manual_seed(seed)
     model = GPTModel(
         config=config,
@@ -318,8 +327,68 @@ def build_gpt_moe(config, vocab_size: int = 64, max_sequence_length: int = 64, s
         max_sequence_length=max_sequence_length,
         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, **stage),
         post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, **stage),
-        **stage,
+        **stage, **mtp,
     )
+    return _as_float16_module_would(model, config)
+
+
+def build_hybrid_moe(config, pattern: str, vocab_size: int = 64, max_sequence_length: int = 64,
+                     seed: int = 0):
+    """A real Megatron-Core HybridModel (0.18+) whose layers follow `pattern`: '*' attention,
+    'E' MoE (config.num_layers = the decoder's layers), then '/' and the layers of each
+    multi-token-prediction depth (config.mtp_num_layers = the depths).
+
+    Upstream's hybrid_stack_spec is built from Transformer Engine modules only, so the '*' and
+    'E' layers here are the attention and MoE halves of the local GPT layer spec, and the stack's
+    final norm, which HybridStack builds as TENorm whatever the spec, is that spec's local norm.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.hybrid import hybrid_block
+    from megatron.core.models.hybrid.hybrid_model import HybridModel
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+    from megatron.core.transformer import multi_token_prediction as mtp
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_layer import (
+        MoETransformerLayer, TransformerLayer, TransformerLayerSubmodules)
+
+    gpt = get_gpt_layer_local_spec(num_experts=config.num_moe_experts).submodules
+    attention = TransformerLayerSubmodules(input_layernorm=gpt.input_layernorm,
+                                           self_attention=gpt.self_attention,
+                                           self_attn_bda=gpt.self_attn_bda)
+    moe = TransformerLayerSubmodules(pre_mlp_layernorm=gpt.pre_mlp_layernorm, mlp=gpt.mlp,
+                                     mlp_bda=gpt.mlp_bda)
+    norm = gpt.input_layernorm
+    # The MTP depth's norms and projection; its layers come from the pattern after '/'.
+    mtp_layer = mtp.MultiTokenPredictionLayerSubmodules(
+        enorm=norm, hnorm=norm, eh_proj=ColumnParallelLinear, mtp_model_layer=None,
+        layer_norm=norm)
+    mtp_block = ModuleSpec(module=mtp.MultiTokenPredictionBlock,
+                           submodules=mtp.MultiTokenPredictionBlockSubmodules(layer_specs=[
+                               ModuleSpec(module=mtp.MultiTokenPredictionLayer,
+                                          submodules=mtp_layer)]))
+    stack = ModuleSpec(module=hybrid_block.HybridStack,
+                       submodules=hybrid_block.HybridStackSubmodules(
+                           attention_layer=ModuleSpec(module=TransformerLayer,
+                                                      submodules=attention),
+                           moe_layer=ModuleSpec(module=MoETransformerLayer, submodules=moe),
+                           mtp_block_spec=mtp_block))
+    torch.manual_seed(seed)
+    te_norm, hybrid_block.TENorm = hybrid_block.TENorm, norm
+    try:
+        model = HybridModel(
+            config=config, hybrid_stack_spec=stack, vocab_size=vocab_size,
+            max_sequence_length=max_sequence_length, hybrid_layer_pattern=pattern,
+            position_embedding_type="learned_absolute",
+            pre_process=parallel_state.is_pipeline_first_stage(),
+            post_process=parallel_state.is_pipeline_last_stage(),
+        )
+    finally:
+        hybrid_block.TENorm = te_norm
+    return _as_float16_module_would(model, config)
+
+
+def _as_float16_module_would(model, config):
     # What Megatron's Float16Module does to the weights and buffers (the router's expert bias
     # is kept fp32 by the router itself).
     if config.bf16:

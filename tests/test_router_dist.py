@@ -63,33 +63,72 @@ def test_dp_and_global_match_single_process_reference(world_size):
             torch.testing.assert_close(results[rank][i]["grad"], results[0][i]["grad"])
 
 
+def mean_lbl_reference(result, seed, per_rank_lbl, world_size=2, microbatches=2, shards=1):
+    """Gradient of the mean over micro-batches and data-parallel replicas of `per_rank_lbl`, a
+    replica's micro-batch being the concatenation of its `shards` consecutive ranks' tokens."""
+    hidden, _ = workers.make_hidden(seed, microbatches, world_size, HIDDEN, padded=False)
+    return reference.grad_of(lambda w: torch.stack([
+        per_rank_lbl(w, torch.cat(mb[r:r + shards]), TOPK, COEFF)
+        for mb in hidden for r in range(0, world_size, shards)]).mean(), result["weight"])
+
+
 def test_micro_and_seq_equal_upstream_aux_and_seq_aux_loss():
-    pairs = [("micro", "aux_loss", False, False), ("seq", "seq_aux_loss", False, False)]
-    if padding_supported:
-        pairs += [("micro", "aux_loss", True, False), ("seq", "seq_aux_loss", True, False)]
-    pairs.append(("micro", "aux_loss", False, True))  # calculate_per_token_loss's scaling
-    specs = []
-    for scope, lbl_type, padded, per_token in pairs:
-        specs += [spec(s, 2, padded, lbl_type=lbl_type, seed=3, per_token_loss=per_token)
-                  for s in (None, scope)]
+    # (scope, upstream's type, padded, calculate_per_token_loss)
+    cases = [(scope, lbl_type, padded, per_token)
+             for scope, lbl_type in (("micro", "aux_loss"), ("seq", "seq_aux_loss"))
+             for padded in ((False, True) if padding_supported else (False,))
+             for per_token in (False, True)]
+    specs = [spec(s, 2, padded, lbl_type=lbl_type, seed=3, per_token_loss=per_token)
+             for scope, lbl_type, padded, per_token in cases for s in (None, scope)]
     results = run_gloo(workers.router_runs, 2, specs)[0]
-    for i, (scope, lbl_type, padded, per_token) in enumerate(pairs):
+    for i, (scope, lbl_type, padded, per_token) in enumerate(cases):
         upstream, ours = results[2 * i], results[2 * i + 1]
+        label = f"scope={scope} padded={padded} per-token={per_token}"
         assert upstream["grad"].abs().sum() > 0
-        torch.testing.assert_close(ours["grad"], upstream["grad"], rtol=1e-5, atol=1e-9,
-                                   msg=f"scope={scope} padded={padded} per-token={per_token} "
-                                       f"differs from upstream {lbl_type}")
+        if not padded:
+            # Per-token loss or not, the gradient Megatron's optimizer sees is that of the mean
+            # over ranks and micro-batches (eq. 3) of the micro-batch or per-sequence LBL.
+            per_rank = reference.micro_batch_lbl if scope == "micro" else reference.sequence_lbl
+            err = rel_err(ours["grad"], mean_lbl_reference(ours, 3, per_rank))
+            assert err <= 1e-5, f"{label}: rel. err {err:.2e} against the reference"
+        ratio = float(upstream["grad"].norm() / ours["grad"].norm())
+        if scope == "seq" and per_token and ratio != pytest.approx(1.0, rel=1e-5):
+            # Megatron-Core 0.16-0.18 scale a per-token-loss seq_aux_loss by one sequence's
+            # tokens instead of the micro-batch's, so its gradient shrinks with the micro-batch
+            # size (fixed in 0.19 by Megatron-LM PR 5798); the plugin follows the reference.
+            print(f"\n{label}: upstream seq_aux_loss gradient is megatron_gbl's / {1 / ratio:.4f}")
+            assert ratio == pytest.approx(1 / workers.MICRO_BSZ, rel=1e-5)
+            torch.testing.assert_close(ours["grad"] * ratio, upstream["grad"], rtol=1e-5,
+                                       atol=1e-9)
+        else:
+            torch.testing.assert_close(ours["grad"], upstream["grad"], rtol=1e-5, atol=1e-9,
+                                       msg=f"{label} differs from upstream {lbl_type}")
         # The value Megatron's aux-loss tracker logs, under upstream's own name.
         assert ours["logged"].keys() == upstream["logged"].keys() == {compat.tracker_name(lbl_type)}
         for name, values in upstream["logged"].items():
             assert values.abs().sum() > 0
             torch.testing.assert_close(ours["logged"][name], values, rtol=1e-6, atol=0)
-    # And both equal the independent reference: mean over ranks and micro-batches (eq. 3).
-    hidden, _ = workers.make_hidden(3, 2, 2, HIDDEN, padded=False)
-    for i, per_rank in ((0, reference.micro_batch_lbl), (2, reference.sequence_lbl)):
-        expected = reference.grad_of(lambda w: torch.stack(
-            [per_rank(w, h, TOPK, COEFF) for mb in hidden for h in mb]).mean(), results[i]["weight"])
-        assert rel_err(results[i + 1]["grad"], expected) <= 1e-5
+
+
+def test_per_token_loss_scale_at_tp2():
+    # Two tensor-parallel ranks with sequence parallelism, each routing its own half of the
+    # tokens. In per-token-loss mode the aux loss is multiplied back by the local tokens times
+    # the TP x CP size: the gradient of the mean-loss mode again. That is upstream's scale from
+    # Megatron-Core 0.19 (Megatron-LM PR 5047); before, upstream left TP x CP out (issue 1652),
+    # and the plugin uses the correct scale on every version.
+    specs = [spec(s, 2, seed=4, per_token_loss=per_token, tp=2)
+             for per_token in (False, True) for s in (None, "micro")]
+    upstream, ours, upstream_per_token, ours_per_token = run_gloo(workers.router_runs, 2,
+                                                                  specs)[0]
+    expected = mean_lbl_reference(ours, 4, reference.micro_batch_lbl, shards=2)
+    assert rel_err(ours["grad"], expected) <= 1e-5  # the LBL of the TP group's micro-batch
+    torch.testing.assert_close(ours["grad"], upstream["grad"], rtol=1e-5, atol=1e-9)
+    assert rel_err(ours_per_token["grad"], expected) <= 1e-5
+    assert upstream_per_token["grad"].abs().sum() > 0
+    ratio = float(upstream_per_token["grad"].norm() / ours_per_token["grad"].norm())
+    print(f"\nTP=2, per-token loss: upstream aux_loss gradient = {ratio:.4f} x megatron_gbl's "
+          f"(1 from Megatron-Core 0.19, 1/2 before)")
+    assert ratio == pytest.approx(1.0, rel=1e-5) or ratio == pytest.approx(0.5, rel=1e-5)
 
 
 @pytest.mark.skipif(not hasattr(TopKRouter, "_apply_global_aux_loss"),

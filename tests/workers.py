@@ -7,6 +7,7 @@ generated from one seed so the parent process can build the single-process refer
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import io
 import math
@@ -64,14 +65,16 @@ def router_steps(rank: int, world_size: int, spec: dict) -> dict:
 
     spec: scope (None = plugin off), lbl_type, coeff, microbatches, steps, padded, seed,
     sync_group_size, per_token_loss (Megatron's calculate_per_token_loss), device_coeff,
-    device_groups, config (TransformerConfig overrides). Returns the
-    data-parallel-averaged router gradient of the last step (what DDP applies) plus what the
-    plugin recorded.
+    device_groups, config (TransformerConfig overrides), tp (tensor-parallel size: each rank
+    routes its own tokens, as under the sequence parallelism Megatron requires for MoE with TP).
+    Returns the router gradient of the last step as Megatron's optimizer sees it
+    (`_synced_router_grad`) plus what the plugin recorded.
     """
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
+    tp = spec.get("tp", 1)
     if not harness.model_parallel_initialized():
-        harness.init_model_parallel()
+        harness.init_model_parallel(tensor_model_parallel_size=tp)
     enable_first = spec.get("enable_before_build", False)
     settings = dict(sync_group_size=spec.get("sync_group_size"),
                     micro_coeff=spec.get("micro_coeff", 0.0),
@@ -85,44 +88,67 @@ def router_steps(rank: int, world_size: int, spec: dict) -> dict:
     config = harness.moe_config(moe_router_load_balancing_type=spec["lbl_type"],
                                 moe_aux_loss_coeff=spec["coeff"],
                                 calculate_per_token_loss=spec.get("per_token_loss", False),
-                                **spec.get("config", {}))
+                                tensor_model_parallel_size=tp, **spec.get("config", {}))
     model = harness.build_gpt_moe(config)
     router = harness.routers_of(model)[0]
     if spec.get("dead_expert"):
         router.weight.data[DEAD_EXPERT] = -100.0
     if spec["scope"] is not None and not enable_first:
         megatron_gbl.enable(spec["scope"], **settings)
-    tracker = compat.aux_losses_tracker()
-    tracker.clear()
+    compat.clear_tracker()
     draws = _record_shuffle_draws() if spec["scope"] == "shuffle" else []
     microbatches = spec["microbatches"]
-    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / microbatches))
+    # What Megatron's schedules set: the main loss's 1 / micro-batches, or 1 in per-token-loss
+    # mode, where finalize_model_grads divides by the token count instead.
+    MoEAuxLossAutoScaler.set_loss_scale(
+        torch.tensor(1.0 if config.calculate_per_token_loss else 1.0 / microbatches))
     seen = []
     for step in range(spec["steps"]):
         hidden, padding = step_data(spec, step, world_size, config.hidden_size)
         if spec["scope"] is None and spec["lbl_type"] == "global_aux_loss":
             router.reset_global_aux_loss_tracker()
         router.weight.grad = None
+        num_tokens = 0
         with (megatron_gbl.step(model, microbatches) if spec["scope"] is not None
               else contextlib.nullcontext()):
             for k in range(microbatches):
                 kwargs = {} if padding is None else {"padding_mask": padding[k][rank]}
                 probs, _ = router(hidden[k][rank], **kwargs)
+                num_tokens += probs.shape[0] if padding is None \
+                    else int((~padding[k][rank]).sum())
                 # Megatron's trick: a zero main loss keeps only the aux-loss gradient.
                 (probs * 0).sum().backward()
                 if spec["scope"] is not None:
                     seen.append({
                         "microbatches": router._megatron_gbl.buffer.num_microbatches,
                         "balance": megatron_gbl.balance_bsz(model).get(router.layer_number)})
-    grad = router.weight.grad.detach().clone()
-    dist.all_reduce(grad, op=dist.ReduceOp.AVG)  # DDP's data-parallel gradient averaging
+    grad = _synced_router_grad(router.weight.grad, config.calculate_per_token_loss, num_tokens)
     step = megatron_gbl.step_metrics(model) if spec["scope"] is not None else None
     megatron_gbl.disable()
-    logged = {name: entry["values"].clone() for name, entry in tracker.items()}
+    logged = compat.tracker_values()
     return {"grad": grad, "weight": router.weight.detach().clone(), "seen": seen, "logged": logged,
             "metrics": None if step is None else step.values,
             "global_tokens_per_expert": None if step is None else step.global_tokens_per_expert,
             "draws": draws}
+
+
+def _synced_router_grad(grad, per_token_loss: bool, num_tokens: int) -> torch.Tensor:
+    """The router gradient Megatron's optimizer sees: summed over TP (a sequence-parallel weight,
+    finalize_model_grads), then DDP's data-parallel average; in per-token-loss mode summed over
+    data parallel and divided by the step's valid tokens of all ranks instead (`num_tokens` is
+    this rank's: each rank holds its own tokens, TP ranks their shards)."""
+    from megatron.core import parallel_state
+
+    grad = grad.detach().clone()
+    dist.all_reduce(grad, group=parallel_state.get_tensor_model_parallel_group())
+    dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    if not per_token_loss:
+        dist.all_reduce(grad, op=dist.ReduceOp.AVG, group=dp_group)
+        return grad
+    total_tokens = torch.tensor(float(num_tokens), dtype=torch.float64)
+    dist.all_reduce(total_tokens)
+    dist.all_reduce(grad, group=dp_group)
+    return grad / total_tokens.to(grad.dtype)
 
 
 def _record_shuffle_draws() -> list:
@@ -276,6 +302,11 @@ def bad_input_messages(rank: int, world_size: int) -> dict:
     megatron_gbl.start_step(model, num_microbatches=1)
     router(torch.randn(4, 2, model.config.hidden_size))
     capture("counted twice", lambda: router(torch.randn(4, 2, model.config.hidden_size)))
+    # As the MoE layers of a HybridModel's MTP layers are numbered (0.19): again from 1.
+    twins = harness.build_gpt_moe(harness.moe_config())
+    harness.routers_of(twins)[1].layer_number = 1
+    capture("two MoE layers with one layer number",
+            lambda: megatron_gbl.enable("global", model=twins))
     aux_free = harness.build_gpt_moe(harness.moe_config(**AUX_FREE))
     megatron_gbl.enable("global")
     megatron_gbl.start_step(aux_free)
@@ -731,3 +762,76 @@ def launcher_outcome(rank: int, world_size: int, argv: list, cpu_shims: bool) ->
             return exit_.code or 0, stderr.getvalue()
         except Exception:  # noqa: BLE001 - the traceback the interpreter would print
             return 1, stderr.getvalue() + traceback.format_exc()
+
+
+def feature_model_steps(rank: int, world_size: int, spec: dict) -> dict:
+    """Steps of a GPT-MoE (with multi-token prediction when config sets mtp_num_layers) or of a
+    HybridModel (spec["pattern"]) through get_forward_backward_func, on data-parallel ranks.
+
+    spec: scope (None: upstream), pattern, config (overrides), microbatches, step_seeds, seq,
+    bsz, lm_loss, own_lbl_only (every router's input is recorded and detached: with lm_loss
+    False, a router's weight gradient is then that of its own LBL alone). With scope None and
+    expert bias, upstream's once-per-step update (finalize_model_grads) runs after each step.
+    Returns per router, in model order: its layer index, calls per micro-batch, weight, DP-averaged
+    gradient, expert bias after each step, and its inputs per call of the last step; every
+    parameter's gradient; the aux-loss tracker's values. An `enable` that refuses the model
+    returns {"error": message}.
+    """
+    finalize = importlib.import_module("megatron.core.distributed.finalize_model_grads")
+    if not harness.model_parallel_initialized():
+        harness.init_model_parallel()
+    config = harness.moe_config(**spec.get("config", {}))
+    if spec.get("pattern"):
+        model = harness.build_hybrid_moe(config, spec["pattern"], max_sequence_length=spec["seq"])
+    else:
+        model = harness.build_gpt_moe(config, max_sequence_length=spec["seq"])
+    if spec["scope"] is not None:
+        try:
+            megatron_gbl.enable(spec["scope"], model=model)
+        except ValueError as error:
+            megatron_gbl.disable()
+            return {"error": str(error)}
+    routers = harness.routers_of(model)
+    inputs = [[] for _ in routers]
+    if spec.get("own_lbl_only"):
+        for router, record in zip(routers, inputs):
+            router.register_forward_pre_hook(functools.partial(_record_and_detach, record))
+    compat.clear_tracker()
+    biases = [[] for _ in routers]
+    for seed in spec["step_seeds"]:
+        for record in inputs:
+            record.clear()
+        _train(model, None, [seed], spec)
+        if spec["scope"] is None and config.moe_router_enable_expert_bias:
+            finalize._update_router_expert_bias([model], config)
+            for router in routers:
+                router.local_tokens_per_expert.zero_()  # as finalize_model_grads does (0.15+)
+        if config.moe_router_enable_expert_bias:
+            for router, per_step in zip(routers, biases):
+                per_step.append(router.expert_bias.detach().clone())
+    logged = compat.tracker_values()
+    grads = {name: param.grad.detach().clone() for name, param in model.named_parameters()
+             if param.grad is not None}
+    result = {"routers": [
+        {"layer": compat.layer_index(router),
+         "calls_per_microbatch": compat.calls_per_microbatch(router),
+         "weight": router.weight.detach().clone(),
+         "grad": None if router.weight.grad is None else router.weight.grad.detach().clone(),
+         "biases": per_step, "inputs": record}
+        for router, per_step, record in zip(routers, biases, inputs)],
+        "grads": grads, "logged": logged}
+    megatron_gbl.disable()
+    return result
+
+
+def _record_and_detach(record: list, module, args):
+    """Forward pre-hook of a router: keep a training call's input, and cut the gradient path
+    through it, so no later layer's loss reaches this router's weight through the hidden states."""
+    if not (module.training and torch.is_grad_enabled()):
+        return None
+    record.append(args[0].detach().clone())
+    return (args[0].detach(),) + args[1:]
+
+
+def feature_model_runs(rank: int, world_size: int, specs: list) -> list:
+    return [feature_model_steps(rank, world_size, spec) for spec in specs]
