@@ -34,6 +34,11 @@ def main(argv: Optional[list[str]] = None) -> None:
         raise SystemExit(
             f"megatron_gbl.launch: entry script {script!r} not found; pass the path of "
             "Megatron-LM's pretrain_gpt.py as the first argument\n" + USAGE)
+    if "--yaml-cfg" in script_args and any(arg.startswith("--moe-lbl-") for arg in script_args):
+        raise SystemExit(
+            "megatron_gbl.launch: --yaml-cfg replaces Megatron-LM's command-line arguments and "
+            "their validation (0.18+), so the --moe-lbl-* flags would be ignored; give the run's "
+            "arguments on the command line instead of --yaml-cfg\n" + USAGE)
     script_dir = os.path.dirname(os.path.abspath(script))
     sys.path.insert(0, script_dir)
     try:

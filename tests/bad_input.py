@@ -199,6 +199,15 @@ PYTHON_API = {
         ["cuda_graph_impl='local'", "whole layers", "--cuda-graph-impl none"]),
 }
 
+# case: (arguments of `python -m megatron_gbl.launch`, fragments the message must contain)
+LAUNCHER = {
+    "no entry script": (["missing/pretrain_gpt.py", "--moe-lbl-scope", "global"],
+                        ["entry script", "pretrain_gpt.py"]),
+    "--yaml-cfg with --moe-lbl-* flags": (
+        [__file__, "--yaml-cfg", "run.yaml", "--moe-lbl-scope", "global"],
+        ["--yaml-cfg", "--moe-lbl-* flags would be ignored", "on the command line"]),
+}
+
 # case: fragments; the messages come from workers.bad_input_messages (4 gloo ranks, DP 4)
 RUNTIME = {
     "sync_group_size=3 at DP=4": ["sync_group_size", "3 must divide the data-parallel size 4"],
@@ -248,6 +257,17 @@ def python_api_message(case: str) -> str:
     except ValueError as error:
         return str(error)
     raise AssertionError(f"{case}: accepted")
+
+
+def launcher_message(case: str) -> str:
+    """What `python -m megatron_gbl.launch ...` exits with, before it imports Megatron-LM."""
+    from megatron_gbl import launch
+
+    try:
+        launch.main(LAUNCHER[case][0])
+    except SystemExit as exit_:
+        return str(exit_.code).split("\n")[0]
+    raise AssertionError(f"{case}: the launcher ran the script")
 
 
 def _disable() -> None:
@@ -310,6 +330,12 @@ def render(runtime_messages: dict) -> str:
     for i, (case, (kwargs, overrides, _)) in enumerate(PYTHON_API.items(), 1):
         lines.append(f"| {i} | {case} | {_call(kwargs, overrides)} | "
                      f"{_cell(python_api_message(case))} |")
+    lines += ["", "## The launcher", "", "`python -m megatron_gbl.launch SCRIPT ARGS...`, before "
+              "Megatron-LM is imported.", "", "| # | misconfiguration | arguments | message |",
+              "|---|---|---|---|"]
+    for i, (case, (argv, _)) in enumerate(LAUNCHER.items(), 1):
+        shown = " ".join("SCRIPT" if arg == __file__ else arg for arg in argv)
+        lines.append(f"| {i} | {case} | `{shown}` | {_cell(launcher_message(case))} |")
     lines += ["", "## In a real data-parallel run", "",
               "Found at `enable`, at a step boundary or at the first training call, before any "
               "optimizer step (tests/test_api.py, 4 gloo ranks).", "",

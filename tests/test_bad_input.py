@@ -24,6 +24,13 @@ def test_python_api(case):
         assert fragment in message, (case, message)
 
 
+@pytest.mark.parametrize("case", list(bad_input.LAUNCHER))
+def test_launcher(case):
+    message = bad_input.launcher_message(case)
+    for fragment in bad_input.LAUNCHER[case][1]:
+        assert fragment in message, (case, message)
+
+
 def test_python_api_enable_rejects_and_leaves_upstream_untouched():
     import megatron_gbl
 
@@ -42,4 +49,6 @@ def test_doc_table_is_current():
              if bad_input._cell(bad_input.megatron_lm_message(case)) not in doc]
     stale += [case for case in bad_input.PYTHON_API
               if bad_input._cell(bad_input.python_api_message(case)) not in doc]
+    stale += [case for case in bad_input.LAUNCHER
+              if bad_input._cell(bad_input.launcher_message(case)) not in doc]
     assert not stale, f"docs/bad_input.md is stale for {stale}: python tests/bad_input.py > docs/bad_input.md"

@@ -67,6 +67,9 @@ def pretrain():
         with open(os.path.join(args.tensorboard_dir, f"rank{torch.distributed.get_rank()}.json"),
                   "w") as f:
             json.dump({"dp": args.data_parallel_size, "microbatches": num_microbatches}, f)
+    # Every rank leaves together: gloo aborts a process whose peer exits mid-collective.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def training_log(args, iteration, writer, num_microbatches):
