@@ -303,8 +303,9 @@ def _device_weights(router, state: RouterState, settings: Settings, local_counts
 
     def weights():
         counts = synced.wait()
+        # A repeated MTP layer's calls share one micro-batch's weight, as its LBL's do.
         weights_E = device_balancing_weights(counts[:-1], counts[-1], counts[-1], router.topk,
-                                             num_devices, coeff * replicas,
+                                             num_devices, coeff * state.loss_share * replicas,
                                              tokens_nonzero=tokens_nonzero)
         state.device_terms.append((weights_E, probs_sum_E, coeff))
         return weights_E
