@@ -66,7 +66,7 @@ def layout_steps(rank: int, world_size: int, spec: dict) -> dict:
     model = harness.wrap_megatron_ddp(chunks, grad_scale=grad_scale)
     names = {param: name for chunk in chunks for name, param in _global_names(chunk).items()}
 
-    _fresh_moe_tracker()
+    compat.clear_tracker()
     data = _global_batch(spec, parallel_state)
     results = []
     for step, (scope, settings) in enumerate(spec["steps"]):
@@ -101,17 +101,6 @@ def layout_steps(rank: int, world_size: int, spec: dict) -> dict:
     megatron_gbl.disable()
     parallel_state.destroy_model_parallel()
     return results
-
-
-def _fresh_moe_tracker() -> None:
-    """Megatron's MoE metrics tracker sizes its per-layer values by the first model that logs
-    to it: a fresh one for each model (0.18+ keep a tracker object, earlier versions a dict)."""
-    try:
-        from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
-    except ImportError:
-        compat.aux_losses_tracker().clear()
-    else:
-        destroy_moe_metrics_tracker()
 
 
 def _forward_step(spec, data_iterator, model):
