@@ -42,6 +42,9 @@ TWO_RANKS = {
     # token count in finalize_model_grads. grad_scale is the loss scaler's factor.
     "TP 2 + SP": layout(layout=dict(tp=2), loss="mean", grad_scale=8.0),
     "CP 2": layout(layout=dict(cp=2), loss="mean"),
+    # Per-token loss at TP x CP > 1: the aux-loss scale includes the TP x CP size.
+    "TP 2 + SP, per-token": layout(layout=dict(tp=2), loss="per_token"),
+    "CP 2, per-token": layout(layout=dict(cp=2), loss="per_token", grad_scale=2.0),
     "EP 2": layout(layout=dict(ep=2), loss="per_token", grad_scale=4.0),
     "no pipelining": ("layout_steps", dict(WHOLE_MODEL, layout={})),
     "batched p2p": ("batched_p2p_pairing", {}),
@@ -143,7 +146,8 @@ def check_against_reference(label: str, per_rank: list, spec: dict) -> None:
         assert max(per_layer.values()) <= MAX_REL_ERR, (label, scope, per_layer)
 
 
-@pytest.mark.parametrize("label", ["TP 2 + SP", "CP 2", "EP 2"])
+@pytest.mark.parametrize("label", ["TP 2 + SP", "CP 2", "TP 2 + SP, per-token",
+                                   "CP 2, per-token", "EP 2"])
 def test_two_rank_layouts_match_reference(two_ranks, label):
     check_against_reference(label, two_ranks[label], TWO_RANKS[label][1])
 
