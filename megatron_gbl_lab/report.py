@@ -140,40 +140,48 @@ def summarize(per_seed: dict, seeds: list[int], baseline: Optional[str] = None) 
                           metric.lower_is_better)
                       for metric in METRICS}
               for label in labels[1:]}
-    runs = [per_seed[str(seed)]["scopes"][label] for seed in seeds for label in labels]
-    losses = {label: values[label]["heldout_loss_mean"] for label in labels}
-    return {"summary": summary, "paired": paired, "noise": loss_noise(runs, losses)}
+    return {"summary": summary, "paired": paired,
+            "noise": loss_noise(per_seed, seeds, labels, values)}
 
 
-def loss_noise(runs: list[dict], losses: dict[str, list[float]]) -> dict:
-    """Where the spread of the held-out loss comes from, as standard deviations (RMS over runs):
+def loss_noise(per_seed: dict, seeds: list[int], labels: list[str], values: dict) -> dict:
+    """Where the spread of the paired held-out-loss differences comes from, as standard
+    deviations (RMS over the runs compared with the first one, and over seeds):
 
-        evaluation  from which held-out windows were evaluated: with halves A, B of the windows,
-                    var(mean) = var(A - B) / 4, so |A - B| / 2 at each checkpoint
-        end         between the last checkpoints of one run (5% of training apart): the noise
-                    of the end of training
-        seed        over seeds, of one run's loss (the checkpoint mean)
-        paired      over seeds, of a run's difference to the first run (what the paired
-                    intervals are made of)
+        evaluation  from which held-out windows were evaluated: with the difference d_A, d_B
+                    on two halves of the windows, var(mean) = var(d_A - d_B) / 4, so
+                    |d_A - d_B| / 2 at each checkpoint
+        end         between the last checkpoints of one seed (5% of training apart): the
+                    noise of the end of training
+        seed        over seeds (what the paired intervals are made of)
+        level       over seeds, of one run's own loss (without the pairing)
 
-    `losses`: run label -> its held-out loss per seed. None where there is nothing to measure
-    (one checkpoint, one seed, one run).
+    None where there is nothing to measure (one checkpoint, one seed, one run).
     """
     def rms(values):
         values = [value for value in values if value is not None and not math.isnan(value)]
         return math.sqrt(sum(value * value for value in values) / len(values)) if values else None
 
-    evaluation = [abs(a - b) / 2 for run in runs for checkpoint in run["heldout_checkpoints"]
-                  for a, b in [checkpoint["heldout_loss_halves"]]
-                  if a is not None and b is not None]
-    end = [stats.mean_and_sd([c["heldout_loss_mean"] for c in run["heldout_checkpoints"]])[1]
-           for run in runs]
-    first, *others = losses.values()
-    seed = [stats.mean_and_sd(per_seed)[1] for per_seed in losses.values()]
-    paired = [stats.mean_and_sd([x - y for x, y in zip(per_seed, first)])[1]
-              for per_seed in others]
-    return {"evaluation": rms(evaluation), "end": rms(end), "seed": rms(seed),
-            "paired": rms(paired)}
+    first, others = labels[0], labels[1:]
+    evaluation, end = [], []
+    for seed in seeds:
+        runs = per_seed[str(seed)]["scopes"]
+        base = runs[first]["heldout_checkpoints"]
+        for label in others:
+            checkpoints = runs[label]["heldout_checkpoints"]
+            evaluation += [abs((a - a0) - (b - b0)) / 2
+                           for entry, entry0 in zip(checkpoints, base)
+                           for (a, b), (a0, b0) in [(entry["heldout_loss_halves"],
+                                                     entry0["heldout_loss_halves"])]
+                           if None not in (a, b, a0, b0)]  # a half without windows: None
+            end.append(stats.mean_and_sd([entry["heldout_loss_mean"] - entry0["heldout_loss_mean"]
+                                          for entry, entry0 in zip(checkpoints, base)])[1])
+    losses = {label: values[label]["heldout_loss_mean"] for label in labels}
+    seed_sd = [stats.mean_and_sd([x - y for x, y in zip(losses[label], losses[first])])[1]
+               for label in others]
+    level = [stats.mean_and_sd(losses[label])[1] for label in labels]
+    return {"evaluation": rms(evaluation), "end": rms(end), "seed": rms(seed_sd),
+            "level": rms(level)}
 
 
 def format_seeds_table(results: dict) -> str:
@@ -200,10 +208,12 @@ def format_seeds_table(results: dict) -> str:
             "higher; 'resolved': the interval excludes 0.")
     noise = results["noise"]
     parts = [f"{name} {noise[key]:.4f}" for key, name in (
-        ("evaluation", "evaluation sampling"), ("end", "end of training"),
-        ("seed", "seed to seed"), ("paired", "paired differences")) if noise[key] is not None]
+        ("evaluation", "the held-out sample"), ("end", "the end of training"),
+        ("seed", "seed to seed")) if noise[key] is not None]
     if parts:
-        note += " Held-out loss, sd from: " + ", ".join(parts) + " (results.json: noise)."
+        note += (f" Spread (sd) of the held-out-loss differences against {first} from "
+                 + ", ".join(parts) + f"; of one run's own loss over seeds {noise['level']:.4f}"
+                 " (results.json: noise).")
     return note + "\n\n" + _markdown(labels, rows)
 
 

@@ -193,12 +193,16 @@ def test_seeds_summary_recomputed_from_per_seed(tmp_path, capsys):
         assert paired["ci95"] == pytest.approx([mean - half, mean + half], rel=1e-9)
         assert (paired["wins"], paired["n"]) == (wins, 3)
     assert "micro" not in results["paired"]
-    # The seed-to-seed part of the loss noise: the RMS of each run's sd over seeds.
-    sds = [math.sqrt(sum((x - sum(xs) / 3) ** 2 for x in xs) / 2)
-           for label in ("micro", "global")
-           for xs in [[results["per_seed"][str(seed)]["scopes"][label]["heldout_loss_mean"]
-                       for seed in seeds]]]
-    assert results["noise"]["seed"] == pytest.approx(math.sqrt(sum(sd * sd for sd in sds) / 2))
+    # The loss noise: over seeds, the sd of global - micro, and the RMS of each run's own sd.
+    def sample_sd(xs):
+        return math.sqrt(sum((x - sum(xs) / len(xs)) ** 2 for x in xs) / (len(xs) - 1))
+
+    losses = {label: [results["per_seed"][str(seed)]["scopes"][label]["heldout_loss_mean"]
+                      for seed in seeds] for label in ("micro", "global")}
+    assert results["noise"]["seed"] == pytest.approx(
+        sample_sd([g - m for g, m in zip(losses["global"], losses["micro"])]))
+    assert results["noise"]["level"] == pytest.approx(
+        math.sqrt(sum(sample_sd(xs) ** 2 for xs in losses.values()) / 2))
     # The same results paired against global: every difference the other way round.
     assert cli.main(["compare", str(out / "results.json"), "--against", "global"]) == 0
     printed = capsys.readouterr().out
