@@ -72,12 +72,14 @@ class Settings:
                     f"{', '.join(SCOPES)}"
                 )
         self._check_switch()
-        if isinstance(self.micro_coeff, bool) or not isinstance(self.micro_coeff, (int, float)) \
-                or not self.micro_coeff >= 0:
-            raise ValueError(
-                f"megatron_gbl: micro_coeff (--moe-lbl-micro-coeff) must be a number >= 0, got "
-                f"{self.micro_coeff!r}; use 0 for no extra micro-batch LBL"
-            )
+        for name, flag, value, added in (
+                ("micro_coeff", "--moe-lbl-micro-coeff", self.micro_coeff, "micro-batch LBL"),
+                ("device_coeff", "--moe-lbl-device-coeff", self.device_coeff, "device-level LBL")):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(
+                    f"megatron_gbl: {name} ({flag}) must be a number >= 0, got {value!r}; use 0 "
+                    f"for no {added}"
+                )
         dp_only = (("sync_group_size", "--moe-lbl-sync-group-size", self.sync_group_size),
                    ("micro_coeff", "--moe-lbl-micro-coeff", self.micro_coeff or None))
         for name, flag, value in dp_only:
@@ -95,15 +97,6 @@ class Settings:
             raise ValueError(
                 f"megatron_gbl: sync_group_size (--moe-lbl-sync-group-size) must be a positive "
                 f"int (data-parallel ranks per balance block), got {self.sync_group_size!r}"
-            )
-        self._check_device()
-
-    def _check_device(self) -> None:
-        if isinstance(self.device_coeff, bool) or not isinstance(self.device_coeff, (int, float)) \
-                or not self.device_coeff >= 0:
-            raise ValueError(
-                f"megatron_gbl: device_coeff (--moe-lbl-device-coeff) must be a number >= 0, got "
-                f"{self.device_coeff!r}; use 0 for no device-level LBL"
             )
         if self.device_groups is not None and not _int_at_least(self.device_groups, 1):
             raise ValueError(
@@ -276,23 +269,21 @@ def router_balancing(config, settings: Optional[Settings] = None) -> Balancing:
     _check_cuda_graphs(config)
     lbl_type, coeff = pairs[0] if pairs else (None, 0.0)
     balancing = Balancing(lbl_type, coeff, bias_update_rate)
-    if settings is not None and settings.micro_coeff and lbl_type is None:
-        raise ValueError(
-            f"megatron_gbl: micro_coeff (--moe-lbl-micro-coeff) {settings.micro_coeff} adds a "
-            "micro-batch LBL beside the scoped LBL, but this model balances without an LBL "
-            "(auxiliary-loss-free only); drop it, or add an LBL with "
-            "--moe-router-load-balancing-type aux_loss and --moe-aux-loss-coeff > 0"
-        )
-    if settings is not None and settings.device_coeff and lbl_type is None:
-        raise ValueError(
-            f"megatron_gbl: device_coeff (--moe-lbl-device-coeff) {settings.device_coeff} adds a "
-            "device-level LBL beside the scoped LBL, but this model balances without an LBL "
-            "(auxiliary-loss-free only); drop it, or add an LBL with "
-            "--moe-router-load-balancing-type aux_loss and --moe-aux-loss-coeff > 0"
-        )
-    if settings is not None:
-        device_groups(config, settings)
-    if settings is not None and bias_update_rate is not None:
+    if settings is None:
+        return balancing
+    for name, flag, value, added in (
+            ("micro_coeff", "--moe-lbl-micro-coeff", settings.micro_coeff, "micro-batch LBL"),
+            ("device_coeff", "--moe-lbl-device-coeff", settings.device_coeff,
+             "device-level LBL")):
+        if value and lbl_type is None:
+            raise ValueError(
+                f"megatron_gbl: {name} ({flag}) {value} adds a {added} beside the scoped LBL, "
+                "but this model balances without an LBL (auxiliary-loss-free only); drop it, or "
+                "add an LBL with --moe-router-load-balancing-type aux_loss and "
+                "--moe-aux-loss-coeff > 0"
+            )
+    device_groups(config, settings)
+    if bias_update_rate is not None:
         _check_bias_scopes(settings, config)
     return balancing
 
