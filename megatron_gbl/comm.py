@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 from typing import Sequence
 
 import torch
 import torch.distributed as dist
+
+logger = logging.getLogger("megatron_gbl")
 
 
 def all_reduce_sum(tensor: torch.Tensor, group, what: str = "an all-reduce") -> torch.Tensor:
@@ -158,7 +161,8 @@ _NCCL_CONFIG_FIELDS = ("cga_cluster_size", "max_ctas", "min_ctas", "net_name")
 def group_settings(group) -> dict:
     """new_group keyword arguments that make a group like `group`: its timeout (Megatron's
     --distributed-timeout-minutes for the groups of initialize_model_parallel) and, on NCCL, its
-    options. Empty where this torch cannot tell (torch's defaults then)."""
+    options. Read through torch's private backend options; where this torch has none, the
+    blocks get torch's defaults, and a warning says so."""
     settings = {}
     for device_type in getattr(group, "_device_types", ()):
         options = getattr(group._get_backend(torch.device(device_type)), "options", None)
@@ -168,6 +172,10 @@ def group_settings(group) -> dict:
         nccl = getattr(dist, "ProcessGroupNCCL", None)
         if nccl is not None and isinstance(options, nccl.Options):
             settings["pg_options"] = nccl_options_like(options)
+    if "timeout" not in settings:
+        logger.warning("megatron_gbl: this torch does not expose the timeout of Megatron's "
+                       "TP x DP x CP group; the balance-block groups (sync_group_size) get "
+                       "torch's default timeout and options")
     return settings
 
 
