@@ -176,8 +176,9 @@ def step_metrics(model: Optional[Model] = None) -> Optional[metrics.StepMetrics]
     """Micro- and global-batch LBL, load violation, expert bias and Balance BSZ of the last
     training step.
 
-    No gradient; one collective over TP x CP and one over TP x DP x CP for all layers, so call
-    it on every rank after the step (Megatron-LM's logging does, via megatron_gbl.launch).
+    No gradient; for all layers at once, one collective over TP x CP, one over TP x DP x CP and,
+    with more than one device group, one over the all-to-all's token group (metrics.py), so
+    call it on every rank after the step (Megatron-LM's logging does, via megatron_gbl.launch).
     """
     return metrics.step_metrics(routers(model))
 
