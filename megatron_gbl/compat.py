@@ -11,7 +11,8 @@ Everything is decided by feature detection, never by version strings:
 - `routing(logits, padding_mask)` takes a padding mask (True = padding) from 0.16;
 - aux-loss tracker: a dict (in `parallel_state` in 0.12), one name for every LBL type until
   0.13, a name per type from 0.14; from 0.18 `moe_logging.get_moe_metrics_tracker().record`;
-- per-token-loss aux-loss scale: this rank's tokens, times the TP x CP size from 0.19;
+- per-token-loss aux-loss scale: upstream multiplies by this rank's tokens, and by the TP x CP
+  size too from 0.19 (a fix); the plugin applies the fixed scale on every version;
 - MTP routers: 0.12-0.15 build every MTP layer's TransformerLayer with the default layer
   number 1, unmarked (steps.py refuses such a model: layer numbers collide); 0.16 numbers them
   after the decoder layers; 0.17+ mark them `is_mtp_layer` and number them from 1 again, and
