@@ -81,6 +81,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="bytes per sequence (default: %(default)s)")
     demo.add_argument("--eval-sequences", type=int, default=defaults.eval_sequences,
                       help="held-out sequences per domain (default: %(default)s)")
+    demo.add_argument("--lr", type=float, default=defaults.lr,
+                      help="peak learning rate of Adam: linear warm-up over 5%% of the steps, "
+                           "then cosine decay to 10%% (default: %(default)s)")
     demo.add_argument("--device-groups", type=int, default=defaults.device_groups,
                       help="expert-parallel devices to simulate for the device-level LBL "
                            "(+device runs) and the micro-batch device load violation: the "
@@ -133,7 +136,7 @@ def _demo(args) -> int:
         steps=args.steps, ranks=args.ranks, seed=seeds[0], microbatches=args.microbatches,
         micro_batch_size=args.micro_batch_size, seq_length=args.seq_length,
         eval_sequences=args.eval_sequences, eval_checkpoints=args.eval_checkpoints,
-        device_groups=args.device_groups)
+        device_groups=args.device_groups, lr=args.lr)
     check_settings(settings)
     scopes = parse_scopes(args.scopes, settings)
     if (args.train_data is None) != (args.valid_data is None):

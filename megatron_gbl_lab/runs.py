@@ -37,7 +37,7 @@ class DemoSettings:
     lr: float = 3e-3             # peak: linear warm-up over 5% of the steps, cosine to 10%
     seed: int = 0
     eval_sequences: int = 128    # held-out sequences per domain
-    eval_checkpoints: int = 3    # held-out loss: the mean over this many last checkpoints
+    eval_checkpoints: int = 1    # held-out loss: the mean over this many last checkpoints
     device_groups: int = 4       # simulated expert-parallel devices (harness: token groups)
 
     def model_overrides(self, aux_free: bool = False, bias_rate_factor: float = 1.0) -> dict:
@@ -321,6 +321,8 @@ def check_settings(settings: DemoSettings) -> None:
                         ("--device-groups", settings.device_groups)):
         if value < 1:
             raise ValueError(f"{flag} {value}: must be at least 1")
+    if not settings.lr > 0:
+        raise ValueError(f"--lr {settings.lr}: must be a number > 0")
     if settings.ranks % settings.device_groups or settings.num_experts % settings.device_groups:
         raise ValueError(
             f"--device-groups {settings.device_groups}: the simulated expert-parallel size must "

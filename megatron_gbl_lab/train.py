@@ -72,15 +72,12 @@ def _train_and_evaluate(rank: int, world_size: int, spec: ScopeSpec, seed: int,
             num_microbatches=settings.microbatches, seq_length=settings.seq_length,
             micro_batch_size=settings.micro_batch_size, forward_only=False,
         )
-        _average_gradients(params)
-        optimizer.step()
-        schedule.step()
         values = megatron_gbl.step_metrics(model).values
-        # LM loss and micro-batch values differ per rank: average them like Megatron's logging
-        # (global-batch values are the same on every rank: averaged along, in one collective).
-        step_values = _dp_average({
+        step_values = _average_gradients_and_values(params, {
             "loss": torch.stack([entry["lm loss"] for entry in losses]).mean(),
             **{curve: values[metric].mean() for curve, metric in recorded.items()}})
+        optimizer.step()
+        schedule.step()
         step_seconds.append(time.perf_counter() - started)
         for curve, value in step_values.items():
             curves[curve].append(value)
@@ -168,19 +165,18 @@ def _forward_step(data_iterator, model):
     return output, loss_func
 
 
-def _average_gradients(params) -> None:
-    """Data-parallel gradient averaging (what DDP does), one flat all-reduce."""
+def _average_gradients_and_values(params, values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Data-parallel averaging in one flat all-reduce: the gradients (what DDP does) and the
+    step's logged values (the LM loss and micro-batch values differ per rank: averaged like
+    Megatron's logging does; global-batch values are the same on every rank and stay so)."""
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch._utils._flatten_dense_tensors(grads)
+    tensors = grads + [torch.stack([value.float() for value in values.values()])]
+    flat = torch._utils._flatten_dense_tensors(tensors)
     dist.all_reduce(flat, op=dist.ReduceOp.AVG)
-    for param, grad in zip(params, torch._utils._unflatten_dense_tensors(flat, grads)):
+    *averaged, logged = torch._utils._unflatten_dense_tensors(flat, tensors)
+    for param, grad in zip(params, averaged):
         param.grad = grad
-
-
-def _dp_average(values: dict[str, torch.Tensor]) -> dict[str, float]:
-    packed = torch.stack([value.double() for value in values.values()])
-    dist.all_reduce(packed, op=dist.ReduceOp.AVG)
-    return dict(zip(values, packed.tolist()))
+    return dict(zip(values, logged.tolist()))
 
 
 def _progress(rank: int, job: dict, spec: ScopeSpec, seed: int, steps: int):

@@ -37,7 +37,8 @@ def test_demo_then_analyze(tmp_path, capsys):
     assert cli.main(["demo", "--scopes", ",".join(BALANCE_SEQUENCES), "--steps", "3",
                      "--ranks", str(RANKS), "--microbatches", str(MICROBATCHES),
                      "--micro-batch-size", str(MICRO_BATCH_SIZE), "--seq-length", str(SEQ),
-                     "--eval-sequences", "4", "--out", str(out), "--no-progress"]) == 0
+                     "--eval-sequences", "4", "--eval-checkpoints", "3", "--out", str(out),
+                     "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "held-out loss, mean" in printed and "MI(domain; expert)" in printed
     assert "LBL + 1% micro" in printed and "LBL, micro→global@2" in printed
