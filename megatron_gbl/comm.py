@@ -18,6 +18,26 @@ def all_reduce_sum(tensor: torch.Tensor, group, what: str = "an all-reduce") -> 
     return PendingSum(tensor, group, blocking=True, what=what).wait()
 
 
+def all_reduce_sums(pairs: Sequence[tuple[torch.Tensor, object]],
+                    what: str = "an all-reduce") -> list[torch.Tensor]:
+    """Each tensor of `pairs` [(tensor, group)] summed over its group (None: left as it is), in
+    one collective per set of ranks: tensors whose groups hold the same ranks travel as one flat
+    buffer (of their common dtype) over the first of those groups. Every rank passes its pairs
+    in the same order, so every rank of a group packs the same tensors."""
+    results = [tensor for tensor, _ in pairs]
+    batches: dict[tuple[int, ...], tuple[object, list[int]]] = {}
+    for index, (_, group) in enumerate(pairs):
+        if spans_ranks(group):
+            ranks = tuple(dist.get_process_group_ranks(group))
+            batches.setdefault(ranks, (group, []))[1].append(index)
+    for group, indices in batches.values():
+        flat = all_reduce_sum(torch.cat([results[i].reshape(-1) for i in indices]), group, what)
+        chunks = flat.split([results[i].numel() for i in indices])
+        for i, chunk in zip(indices, chunks):
+            results[i] = chunk.view_as(results[i])
+    return results
+
+
 def spans_ranks(group) -> bool:
     return group is not None and dist.get_world_size(group) > 1
 

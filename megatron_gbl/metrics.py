@@ -3,13 +3,14 @@
 Every router keeps, per micro-batch of the step, the local LBL statistics c_1..c_E, s_1..s_E, T
 (RouterState.microbatch_stats; with an LBL) and the dispatched load [c_1..c_E, T] (with expert
 bias).
-`step_metrics` packs them for all layers of this pipeline stage and reduces them at once:
+`step_metrics` packs them for all layers of this pipeline stage and reduces them at once, one
+all-reduce per set of ranks (sums over groups that hold the same ranks share one):
 
-- one all-reduce over TP x CP of the per-micro-batch stats [L, M, X]: each micro-batch as
-  Megatron's aux_loss sees it;
-- one all-reduce over TP x DP x CP of their sums over the step [L, X]: the global batch;
-- one all-reduce over the token group of the layers' all-to-all (TP x EP; none at D = 1) of the
-  per-micro-batch load in D groups of consecutive experts [L, M, D]: what one all-to-all carries.
+- the per-micro-batch stats [L, M, X] over TP x CP: each micro-batch as Megatron's aux_loss
+  sees it;
+- their sums over the step [L, X] over TP x DP x CP: the global batch;
+- the per-micro-batch load in D groups of consecutive experts [L, M, D] over the token group of
+  the layers' all-to-all (TP x EP; none at D = 1): what one all-to-all carries.
 
     LBL(c, s, T)   = N_E * Σ_i c_i / (K T) * s_i / T        (paper eq. 2, value without coeff)
     load violation = max_i c_i / mean_i c_i - 1             (MaxVio of Wang et al. 2024)
@@ -92,27 +93,33 @@ def step_metrics(routers: Sequence) -> Optional[StepMetrics]:
         return None
     first = routers[0]._megatron_gbl
     has_lbl, has_bias = first.balancing.lbl_type is not None, first.bias is not None
-    # float64 holds the integer counts exactly: one tensor, two collectives for everything.
+    # float64 holds the integer counts exactly: one tensor, at most three sums for everything,
+    # one collective each (fewer where groups hold the same ranks).
     stats_LMX = torch.stack([_microbatch_stats(router._megatron_gbl, has_lbl, has_bias)
                              for router in routers])
-    global_LX = comm.all_reduce_sum(stats_LMX.sum(dim=1), compat.tp_dp_cp_group(routers[0]),
-                                    "the step metrics' sum over TP x DP x CP")
-    micro_LMX = comm.all_reduce_sum(stats_LMX, compat.tp_cp_group(routers[0]),
-                                    "the step metrics' sum over TP x CP")
     num_experts = routers[0].config.num_moe_experts
+    # The load: the trailing [c, T] with expert bias, else the LBL stats' leading c.
+    load_start = stats_LMX.shape[-1] - num_experts - 1 if has_bias else 0
+    device_load_LMD = tokens_per_device(stats_LMX[..., load_start:load_start + num_experts],
+                                        first.device_groups)
+    global_LX, micro_LMX, device_load_LMD = comm.all_reduce_sums([
+        (stats_LMX.sum(dim=1), compat.tp_dp_cp_group(routers[0])),
+        (stats_LMX, compat.tp_cp_group(routers[0])),
+        # One device group: the violation is 0 whatever the sums.
+        (device_load_LMD, first.token_group if first.device_groups > 1 else None),
+    ], "the step metrics' sums")
     values = {}
     if has_lbl:
         lbl_width = 2 * num_experts + 1
         values[MICRO_LBL] = lbl_value(micro_LMX[..., :lbl_width], routers[0].topk).mean(dim=1)
         values[GLOBAL_LBL] = lbl_value(global_LX[..., :lbl_width], routers[0].topk)
-    # The load: the trailing [c, T] with expert bias, else the LBL stats' leading c.
-    load_start = stats_LMX.shape[-1] - num_experts - 1 if has_bias else 0
     micro_load, global_load = (stats[..., load_start:load_start + num_experts]
                                for stats in (micro_LMX, global_LX))
     values[MICRO_LOAD_VIOLATION] = load_violation(micro_load).mean(dim=1)
     values[GLOBAL_LOAD_VIOLATION] = load_violation(global_load)
-    values[MICRO_DEVICE_LOAD_VIOLATION] = _device_load_violation(
-        routers[0]._megatron_gbl, stats_LMX[..., load_start:load_start + num_experts])
+    # Each micro-batch's load over its token group in D device groups: what one all-to-all
+    # carries; mean over the step's micro-batches.
+    values[MICRO_DEVICE_LOAD_VIOLATION] = load_violation(device_load_LMD).mean(dim=1)
     # Stacked where the counts live: no host round trip per layer, and a device tensor for
     # Megatron's tracker all-reduce on NCCL.
     values[BALANCE_BSZ] = torch.stack([router._megatron_gbl.balance_tokens().double()
@@ -156,16 +163,6 @@ def log_lbl(routers: Sequence) -> None:
             compat.log_to_tracker(router, DEVICE_LBL, value,
                                   reduce_group=compat.tp_cp_group(router),
                                   avg_group=compat.tp_dp_cp_group(router))
-
-
-def _device_load_violation(state, local_load_LME: torch.Tensor) -> torch.Tensor:
-    """[L]: the device load violation of each micro-batch over its token group, mean over the
-    step's micro-batches, from this rank's per-micro-batch load [L, M, E]."""
-    device_load_LMD = tokens_per_device(local_load_LME, state.device_groups)
-    if state.device_groups > 1:  # one group: 0 whatever the sums
-        comm.all_reduce_sum(device_load_LMD, state.token_group,
-                            "the step metrics' device-load sum over the token group")
-    return load_violation(device_load_LMD).mean(dim=1)
 
 
 def _microbatch_stats(state, has_lbl: bool, has_bias: bool) -> torch.Tensor:

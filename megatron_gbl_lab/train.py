@@ -50,7 +50,8 @@ def _train_and_evaluate(rank: int, world_size: int, spec: ScopeSpec, seed: int,
     corpus: batches.Corpus = job["corpus"]
     model = build_model(spec.model_overrides(settings), settings.seq_length, settings.seed)
     spec.enable_plugin(model, settings)
-    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
+    # fused: one kernel per step for all parameters (the per-parameter loop was 7% of a step).
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr, fused=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: learning_rate_factor(step, settings.steps))
     params = list(model.parameters())

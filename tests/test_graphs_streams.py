@@ -4,6 +4,7 @@ asynchronous collective's result waits on it (CUDA streams)."""
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 import workers
 from megatron_gbl import compat
@@ -84,3 +85,15 @@ def test_every_reader_of_an_async_collective_waits_on_it():
     # reader on another stream than the first one is ordered too; here (gloo) the count of
     # waits on the real work is what shows it.
     assert run_gloo(workers.waits_per_reader, 2, 3) == [3, 3]
+
+
+def test_sums_over_groups_of_the_same_ranks_share_one_collective():
+    results = run_gloo(workers.sums_over_groups, 4)
+    for rank, result in enumerate(results):
+        world, pair, same, alone = result["sums"]
+        assert torch.equal(world, torch.full((2, 3), 10.0))  # 1 + 2 + 3 + 4
+        assert torch.equal(pair, torch.full((4,), 30.0 if rank < 2 else 70.0))
+        assert torch.equal(same, torch.full((1,), 1000.0))
+        assert torch.equal(alone, torch.full((2,), float(rank)))
+        assert result["collectives"] == 2  # world + same ranks packed; the pair alone
+

@@ -679,6 +679,32 @@ def cuda_graph_rejections(rank: int, world_size: int, spec: dict) -> dict:
     return errors
 
 
+def sums_over_groups(rank: int, world_size: int) -> dict:
+    """comm.all_reduce_sums over 4 ranks: the world group, another group of the same ranks,
+    pairs of ranks, and no group; the sums and how many all-reduces it issued."""
+    from megatron_gbl import comm
+
+    same_ranks = dist.new_group(list(range(world_size)))
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    calls = []
+    real_all_reduce = dist.all_reduce
+
+    def all_reduce(*args, **kwargs):
+        calls.append(None)
+        return real_all_reduce(*args, **kwargs)
+
+    dist.all_reduce = all_reduce
+    try:
+        sums = comm.all_reduce_sums([
+            (torch.full((2, 3), float(rank + 1)), dist.group.WORLD),
+            (torch.full((4,), 10.0 * (rank + 1)), pairs[rank // 2]),
+            (torch.full((1,), 100.0 * (rank + 1)), same_ranks),
+            (torch.full((2,), float(rank)), None)])
+    finally:
+        dist.all_reduce = real_all_reduce
+    return {"sums": sums, "collectives": len(calls)}
+
+
 def waits_per_reader(rank: int, world_size: int, readers: int) -> int:
     """How often the work of one count sum is waited on when `readers` read its result."""
     from megatron_gbl import comm
