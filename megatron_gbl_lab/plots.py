@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 
 from megatron_gbl_lab.report import METRICS
 
@@ -248,7 +249,8 @@ def seed_points(results: dict, metric_names: tuple, path: str) -> None:
     seeds = results["seeds"]
     labels = list(results["summary"])
     fig, axes = plt.subplots(1, len(metrics), squeeze=False, constrained_layout=True,
-                             figsize=(1.2 + (0.9 + 0.55 * len(labels)) * len(metrics), 4.0))
+                             figsize=(1.2 + max(2.6, 0.9 + 0.55 * len(labels)) * len(metrics),
+                                      4.4))
     colors = _run_colors(len(seeds))
     positions = range(len(labels))
     for ax, metric in zip(axes[0], metrics):
@@ -260,7 +262,7 @@ def seed_points(results: dict, metric_names: tuple, path: str) -> None:
         means = [results["summary"][label][metric.name]["mean"] for label in labels]
         ax.scatter(positions, means, marker="_", s=400, color="black", zorder=4, label="mean")
         ax.set_xticks(list(positions), labels, rotation=45, ha="right", fontsize=8)
-        ax.set_title(metric.title, fontsize=8)
+        ax.set_title("\n".join(textwrap.wrap(metric.title, 28)), fontsize=8)
     axes[0][0].legend(fontsize=7)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The README's statements over seeds ("What the demo shows, over seeds"): every run at 5 seeds
+# on the built-in corpus and on a corpus of real text (megatron_gbl_lab.text_corpus), then the
+# summaries paired against other runs. About 3 hours on 2 CPU cores; OUT (default out/claims)
+# receives each corpus's results.json, figures and tables.
+# shellcheck source-path=SCRIPTDIR
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=lib/venv.sh
+. scripts/lib/venv.sh
+
+ensure_venv .venv "${MEGATRON_CORE:-${NEWEST_MEGATRON_CORE}}" demo
+out=${OUT:-out/claims}
+runs="micro,global,dp:2,dp,shuffle,global+micro,micro-then-global@225,auxfree-micro"
+runs+=",auxfree-micro+matched,auxfree-global,global+device=0.3,global+device=1,global+device=3"
+seeds=0,1,2,3,4
+
+.venv/bin/megatron-gbl demo --scopes "${runs}" --seeds "${seeds}" --out "${out}/builtin"
+.venv/bin/python -m megatron_gbl_lab.text_corpus "${out}/text-corpus"
+.venv/bin/megatron-gbl demo --scopes "${runs}" --seeds "${seeds}" \
+  --train-data "${out}/text-corpus/train.jsonl" --valid-data "${out}/text-corpus/valid.jsonl" \
+  --out "${out}/text"
+for corpus in builtin text; do
+  for against in global auxfree-global; do
+    .venv/bin/megatron-gbl compare "${out}/${corpus}/results.json" --against "${against}" \
+      >"${out}/${corpus}/against-${against}.md"
+  done
+done
+echo "Results: ${out}/{builtin,text}/results.json, tables against micro (printed above),"
+echo "global and auxfree-global: ${out}/{builtin,text}/against-*.md"
