@@ -23,7 +23,7 @@ MODEL_FILE = "model.pt"  # in each run's directory (ScopeSpec.dirname)
 class DemoSettings:
     """Everything one demo run depends on (saved in results.json and with every model)."""
 
-    steps: int = 450
+    steps: int = 500
     ranks: int = 4
     microbatches: int = 2        # per rank per step: gradient accumulation
     micro_batch_size: int = 4    # sequences per micro-batch

@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 
 ensure_venv .venv "${MEGATRON_CORE:-${NEWEST_MEGATRON_CORE}}" demo
 out=${OUT:-out/claims}
-runs="micro,global,dp:2,dp,shuffle,global+micro,micro-then-global@225,auxfree-micro"
+runs="micro,global,dp:2,dp,shuffle,global+micro,micro-then-global@250,auxfree-micro"
 runs+=",auxfree-micro+matched,auxfree-global,global+device=0.3,global+device=1,global+device=3"
 seeds=0,1,2,3,4
 
