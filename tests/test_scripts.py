@@ -485,3 +485,27 @@ def test_patches_apply_to_their_tags():
     assert result.returncode == 0, result.stdout + result.stderr
     assert sorted(line.split()[0] for line in result.stdout.splitlines()) == [
         p.stem for p in PATCHES]
+
+
+# --- README tables ---------------------------------------------------------------------------
+
+def test_readme_table_check_compares_every_row_but_timing(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import check_readme_tables
+
+    table = ("| | micro | global |\n|---|---|---|\n| held-out loss | 0.6 | 0.5 |\n"
+             "| seconds per step | 0.17 | 0.18 |\n")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"text\n<!-- demo-table: megatron-gbl demo --seed 3 -->\n{table}"
+                      "<!-- /demo-table -->\nmore\n")
+    monkeypatch.setattr(check_readme_tables, "README", readme)
+    printed = []
+    monkeypatch.setattr(check_readme_tables, "run",
+                        lambda command: printed.append(command) or printed_table)
+    printed_table = table.replace("0.17 | 0.18", "0.21 | 0.22")  # timing differs: fine
+    assert check_readme_tables.main([]) == 0 and printed == ["megatron-gbl demo --seed 3"]
+    printed_table = table.replace("0.6 | 0.5", "0.6 | 0.4")  # a number differs: stale
+    assert check_readme_tables.main([]) == 1
+    assert check_readme_tables.main(["--update"]) == 0  # writes the code's table in
+    assert "| 0.6 | 0.4 |" in readme.read_text() and readme.read_text().endswith("more\n")
+    assert check_readme_tables.main([]) == 0
