@@ -13,6 +13,8 @@ Everything is decided by feature detection, never by version strings:
   0.13, a name per type from 0.14; from 0.18 `moe_logging.get_moe_metrics_tracker().record`;
 - per-token-loss aux-loss scale: upstream multiplies by this rank's tokens, and by the TP x CP
   size too from 0.19 (a fix); the plugin applies the fixed scale on every version;
+- mean-loss aux-loss scale: the schedules multiply it by the CP size from 0.16 (a fix, read
+  from their source); the plugin applies the fixed scale on every version;
 - MTP routers: 0.12-0.15 build every MTP layer's TransformerLayer with the default layer
   number 1, unmarked (steps.py refuses such a model: layer numbers collide); 0.16 numbers them
   after the decoder layers; 0.17+ mark them `is_mtp_layer` and number them from 1 again, and
@@ -24,10 +26,12 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import re
 from typing import Optional
 
 import torch
 from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import schedules
 from megatron.core.transformer.moe import moe_utils
 from megatron.core.transformer.moe.router import TopKRouter
 
@@ -317,21 +321,37 @@ def tracker_num_layers(config) -> int:
 
 
 def aux_loss_backward_scale(router, num_local_tokens):
-    """The factor Megatron's MoEAuxLossAutoScaler gives an aux loss's gradient; None for 1.
+    """The factor an aux loss's gradient needs so that it is the gradient of the mean over the
+    step's micro-batches after Megatron's gradient reduction; None for 1.
 
-    That is the main loss's scale (1 / micro-batches, and the loss scaler's factor). In
-    per-token-loss mode Megatron divides every gradient by the global token count instead, which
-    holds every token of the TP x CP group once; multiplying the aux loss back by this rank's
-    valid tokens (an int or int64 []) times the TP x CP size restores the per-micro-batch mean.
-    That is upstream's scale from 0.19 (Megatron-LM PR 5047); before, upstream left the TP x CP
-    size out, so its aux losses were TP x CP times too weak with per-token loss (issue 1652). The
-    plugin applies the correct scale on every version (README, "Per-token loss").
+    That is the main loss's scale (1 / micro-batches, and the loss scaler's factor), times the CP
+    size: Megatron's DDP averages gradients over DP x CP, where every CP rank holds part of the
+    same micro-batch. The schedule has set that on MoEAuxLossAutoScaler since 0.16; before, it
+    left the CP size out and upstream's aux losses were CP times too weak at CP > 1.
+    In per-token-loss mode Megatron divides every gradient by the global token count instead,
+    which holds every token of the TP x CP group once; multiplying the aux loss back by this
+    rank's valid tokens (an int or int64 []) times the TP x CP size restores the per-micro-batch
+    mean. That is upstream's scale from 0.19 (Megatron-LM PR 5047); before, upstream left the
+    TP x CP size out, so its aux losses were TP x CP times too weak with per-token loss (issue
+    1652). The plugin applies the correct scale on every version (README, "Per-token loss").
     """
     scale = moe_utils.MoEAuxLossAutoScaler.main_loss_backward_scale
     if router.config.calculate_per_token_loss:
         num_tokens = num_local_tokens * torch.distributed.get_world_size(tp_cp_group(router))
-        scale = num_tokens if scale is None else scale * num_tokens
+        return num_tokens if scale is None else scale * num_tokens
+    cp_size = parallel_state.get_context_parallel_world_size()
+    if cp_size > 1 and not _schedule_scales_aux_loss_by_cp():
+        return cp_size if scale is None else scale * cp_size
     return scale
+
+
+@functools.cache
+def _schedule_scales_aux_loss_by_cp() -> bool:
+    """Whether Megatron's schedules multiply the mean-loss aux-loss scale by the CP size (0.16+:
+    `set_loss_scale(loss_scale * cp_group_size / num_microbatches)`, in `forward_step` or, from
+    0.16, `forward_step_calc_loss`)."""
+    pattern = r"MoEAuxLossAutoScaler\.set_loss_scale\(\s*loss_scale\s*\*\s*cp"
+    return re.search(pattern, inspect.getsource(schedules)) is not None
 
 
 # Per-layer CUDA-graph capture modules that leave every MoE router out of the graphs, by

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import functools
+import inspect
 import io
 import os
 import queue
@@ -239,6 +240,17 @@ def init_model_parallel(tensor_model_parallel_size: int = 1, pipeline_model_para
     )
 
 
+def destroy_model_parallel() -> None:
+    """Megatron's destroy_model_parallel, so that the next init_model_parallel in this process
+    starts clean: 0.12 leaves the position-embedding ranks behind, and a later layout whose
+    position-embedding group leaves this rank out would still count it a member."""
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if hasattr(parallel_state, "_POSITION_EMBEDDING_GLOBAL_RANKS"):
+        parallel_state._POSITION_EMBEDDING_GLOBAL_RANKS = None
+
+
 def model_parallel_initialized() -> bool:
     from megatron.core import parallel_state
 
@@ -302,6 +314,11 @@ def build_gpt_moe(config, vocab_size: int = 64, max_sequence_length: int = 64, s
         get_gpt_decoder_block_spec, get_gpt_layer_local_spec)
 
     stage = {} if vp_stage is None else {"vp_stage": vp_stage}
+    if stage and "vp_stage" not in inspect.signature(get_gpt_decoder_block_spec).parameters:
+        # 0.12 builds the chunk of the virtual rank set in parallel_state (Megatron-LM's
+        # get_model did so), and its GPTModel takes no vp_stage.
+        parallel_state.set_virtual_pipeline_model_parallel_rank(vp_stage)
+        stage = {}
     block_spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, **stage)
     for layer_spec in block_spec.layer_specs:
         if config.context_parallel_size > 1:

@@ -35,7 +35,7 @@ def ep_router_runs(rank: int, world_size: int, layouts: list) -> list:
     results = []
     for expert_parallel, specs in layouts:
         if parallel_state.model_parallel_is_initialized():
-            parallel_state.destroy_model_parallel()
+            harness.destroy_model_parallel()
         token_group = init_expert_parallel(expert_parallel)
         specs = [dict(spec, config=dict(spec.get("config", {}),
                                         expert_model_parallel_size=expert_parallel))

@@ -99,7 +99,7 @@ def layout_steps(rank: int, world_size: int, spec: dict) -> dict:
                                for chunk in chunks for param in chunk.parameters()}
         results.append(result)
     megatron_gbl.disable()
-    parallel_state.destroy_model_parallel()
+    harness.destroy_model_parallel()
     return results
 
 
@@ -219,9 +219,7 @@ def dense_model_error(rank: int, world_size: int, spec: dict) -> str:
         return str(error)
     finally:
         megatron_gbl.disable()
-        from megatron.core import parallel_state
-
-        parallel_state.destroy_model_parallel()
+        harness.destroy_model_parallel()
     return "no error"
 
 
@@ -245,5 +243,5 @@ def batched_p2p_pairing(rank: int, world_size: int, spec: dict) -> dict:
         group=group, prev_pipeline_rank=peer, next_pipeline_rank=peer)
     for request in requests:
         request.wait()
-    parallel_state.destroy_model_parallel()
+    harness.destroy_model_parallel()
     return {name: float(value[0]) for name, value in received.items()}
