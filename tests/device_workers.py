@@ -6,9 +6,6 @@ groups; every rank is also a data-parallel replica (TP 1), as in tests/workers.p
 
 from __future__ import annotations
 
-import os
-import time
-
 import torch
 import torch.distributed as dist
 
@@ -59,11 +56,7 @@ def router_forward_before_peer(rank: int, world_size: int, flag_path: str,
     generator = torch.Generator().manual_seed(rank)
     hidden = torch.randn(8, 2, model.config.hidden_size, generator=generator)
     if rank == 1:
-        deadline = time.monotonic() + 15
-        while not os.path.exists(flag_path):
-            if time.monotonic() > deadline:
-                raise TimeoutError("rank 0 did not finish its forward: it waited for rank 1")
-            time.sleep(0.05)
+        workers.wait_for_peer_forward(flag_path)
     probs, _ = router(hidden)
     if rank == 0:
         open(flag_path, "w").close()

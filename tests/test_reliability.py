@@ -6,7 +6,6 @@ Bad input has its own catalog: tests/bad_input.py, tests/test_bad_input.py.
 import inspect
 import json
 import multiprocessing
-import os
 import time
 
 import pytest
@@ -15,7 +14,6 @@ import torch
 import reference
 import workers
 from megatron.core.transformer.moe.router import TopKRouter
-from megatron_gbl import metrics
 from megatron_gbl_lab.harness import run_gloo
 
 TOPK, COEFF, HIDDEN = 2, 1e-2, 32

@@ -12,6 +12,7 @@ import importlib
 import io
 import math
 import os
+import time
 import traceback
 
 import torch
@@ -239,14 +240,21 @@ def model_runs(rank: int, world_size: int, specs: list) -> list:
     return [model_steps(rank, world_size, spec) for spec in specs]
 
 
+def wait_for_peer_forward(flag_path: str) -> None:
+    """Rank 1's side of the no-barrier tests: wait until rank 0 has finished its forward (it
+    writes `flag_path`), which it can only do if its forward waits for no peer."""
+    deadline = time.monotonic() + 15
+    while not os.path.exists(flag_path):
+        if time.monotonic() > deadline:
+            raise TimeoutError("rank 0 did not finish its forward: it waited for rank 1")
+        time.sleep(0.05)
+
+
 def forward_before_peer(rank: int, world_size: int, flag_path: str, blocking_sync: bool) -> str:
     """Rank 0 runs a whole GPT-MoE forward before rank 1 starts its own, then both backward.
 
     Possible only if no router waits for the data-parallel count all-reduce in the forward.
     """
-    import os
-    import time
-
     harness.init_model_parallel()
     model = harness.build_gpt_moe(harness.moe_config())
     megatron_gbl.enable("global", blocking_sync=blocking_sync)
@@ -254,11 +262,7 @@ def forward_before_peer(rank: int, world_size: int, flag_path: str, blocking_syn
     tokens = make_tokens(rank, 1, 1, 8, 2, 64)[0][0]
     position_ids = torch.arange(8).unsqueeze(0).expand(2, -1)
     if rank == 1:
-        deadline = time.monotonic() + 15
-        while not os.path.exists(flag_path):
-            if time.monotonic() > deadline:
-                raise TimeoutError("rank 0 did not finish its forward: it waited for rank 1")
-            time.sleep(0.05)
+        wait_for_peer_forward(flag_path)
     output = model(tokens, position_ids, None, labels=tokens)
     if rank == 0:
         open(flag_path, "w").close()
