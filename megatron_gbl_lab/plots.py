@@ -214,21 +214,26 @@ def demo_figures(results: dict, out_dir: str) -> dict:
 def device_trade(results: dict, path: str) -> None:
     """Specialisation against what an all-to-all waits on: per run, MI(domain; expert) over the
     micro-batch device load violation (training, last 10%), one small point per seed and a large
-    one at the mean over seeds, labelled with the run and its mean held-out loss."""
+    one at the mean over seeds; the legend gives each run's mean held-out loss. With a device or
+    micro-batch term among the runs, only the trade's runs are drawn (micro, global and those)."""
     plt = _pyplot()
     metric = {metric.name: metric for metric in METRICS}
     x_metric, y_metric = metric["micro_device_load_violation"], metric["mi_bits"]
     labels = list(results["summary"])
+    trade = [label for label in labels
+             if label in ("micro", "global") or "+device" in label or "+micro" in label]
+    if len(trade) > 2:
+        labels = trade
     fig, ax = plt.subplots(figsize=(7.5, 5.0), constrained_layout=True)
     for color, label in zip(_run_colors(len(labels)), labels):
         runs = [results["per_seed"][str(seed)]["scopes"][label] for seed in results["seeds"]]
         ax.scatter([x_metric.value(run) for run in runs], [y_metric.value(run) for run in runs],
                    color=color, s=12, alpha=0.6)
         summary = results["summary"][label]
-        x, y = summary[x_metric.name]["mean"], summary[y_metric.name]["mean"]
-        ax.scatter([x], [y], color=color, s=70, edgecolors="black", zorder=3)
-        ax.annotate(f"{label}\nloss {summary['heldout_loss_mean']['mean']:.4f}", (x, y),
-                    textcoords="offset points", xytext=(6, 4), fontsize=7)
+        ax.scatter([summary[x_metric.name]["mean"]], [summary[y_metric.name]["mean"]],
+                   color=color, s=70, edgecolors="black", zorder=3,
+                   label=f"{label}: loss {summary['heldout_loss_mean']['mean']:.4f}")
+    ax.legend(fontsize=7, title="run: mean held-out loss", title_fontsize=7)
     ax.set(xlabel=f"{x_metric.title} (0 = balanced devices)", ylabel=y_metric.title,
            title=f"specialisation vs device load, {results['settings']['device_groups']} "
                  f"simulated devices, {len(results['seeds'])} seed(s); small points: seeds")
@@ -248,12 +253,17 @@ def seed_points(results: dict, metric_names: tuple, path: str) -> None:
     metrics = [metric for metric in METRICS if metric.name in metric_names]
     seeds = results["seeds"]
     labels = list(results["summary"])
-    fig, axes = plt.subplots(1, len(metrics), squeeze=False, constrained_layout=True,
-                             figsize=(1.2 + max(2.6, 0.9 + 0.55 * len(labels)) * len(metrics),
-                                      4.4))
+    # Panels wide enough for every run's name; three to a row at most, so many runs stay legible.
+    columns = min(3, len(metrics))
+    rows = -(-len(metrics) // columns)
+    fig, axes = plt.subplots(rows, columns, squeeze=False, constrained_layout=True,
+                             figsize=(1.2 + max(2.6, 0.9 + 0.55 * len(labels)) * columns,
+                                      4.4 * rows))
+    for ax in axes.flat[len(metrics):]:
+        ax.set_visible(False)
     colors = _run_colors(len(seeds))
     positions = range(len(labels))
-    for ax, metric in zip(axes[0], metrics):
+    for ax, metric in zip(axes.flat, metrics):
         for color, seed in zip(colors, seeds):
             runs = results["per_seed"][str(seed)]["scopes"]
             values = [metric.value(runs[label]) for label in labels]
