@@ -328,6 +328,7 @@ def aux_loss_backward_scale(router, num_local_tokens):
     size: Megatron's DDP averages gradients over DP x CP, where every CP rank holds part of the
     same micro-batch. The schedule has set that on MoEAuxLossAutoScaler since 0.16; before, it
     left the CP size out and upstream's aux losses were CP times too weak at CP > 1.
+
     In per-token-loss mode Megatron divides every gradient by the global token count instead,
     which holds every token of the TP x CP group once; multiplying the aux loss back by this
     rank's valid tokens (an int or int64 []) times the TP x CP size restores the per-micro-batch
@@ -339,8 +340,10 @@ def aux_loss_backward_scale(router, num_local_tokens):
     if router.config.calculate_per_token_loss:
         num_tokens = num_local_tokens * torch.distributed.get_world_size(tp_cp_group(router))
         return num_tokens if scale is None else scale * num_tokens
+    if _schedule_scales_aux_loss_by_cp():
+        return scale
     cp_size = parallel_state.get_context_parallel_world_size()
-    if cp_size > 1 and not _schedule_scales_aux_loss_by_cp():
+    if cp_size > 1:
         return cp_size if scale is None else scale * cp_size
     return scale
 
