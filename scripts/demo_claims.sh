@@ -23,11 +23,16 @@ steps=300
 .venv/bin/megatron-gbl demo --scopes "${runs}" --seeds "${seeds}" --steps "${steps}" \
   --train-data "${out}/text-corpus/train.jsonl" --valid-data "${out}/text-corpus/valid.jsonl" \
   --out "${out}/text"
+# One file per corpus with the summary paired against each run the README compares with
+# (docs/claims/<corpus>.md is this file of the README's run).
 for corpus in builtin text; do
-  for against in global auxfree-global; do
-    .venv/bin/megatron-gbl compare "${out}/${corpus}/results.json" --against "${against}" \
-      >"${out}/${corpus}/against-${against}.md"
-  done
+  {
+    echo "# scripts/demo_claims.sh, ${corpus} corpus: the summary over seeds"
+    for against in micro global auxfree-global; do
+      printf '\nPaired against %s:\n\n' "${against}"
+      .venv/bin/megatron-gbl compare "${out}/${corpus}/results.json" --against "${against}"
+    done
+  } >"${out}/${corpus}/summary.md"
 done
-echo "Results: ${out}/{builtin,text}/results.json, tables against micro (printed above),"
-echo "global and auxfree-global: ${out}/{builtin,text}/against-*.md"
+echo "Results: ${out}/{builtin,text}/results.json, the summaries paired against micro, global"
+echo "and auxfree-global: ${out}/{builtin,text}/summary.md"

@@ -116,4 +116,3 @@ def test_sums_over_groups_of_the_same_ranks_share_one_collective():
         assert torch.equal(same, torch.full((1,), 1000.0))
         assert torch.equal(alone, torch.full((2,), float(rank)))
         assert result["collectives"] == 2  # world + same ranks packed; the pair alone
-
