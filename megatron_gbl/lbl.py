@@ -201,18 +201,9 @@ def apply_scoped_lbl(
     local_group = compat.tp_cp_group(router)
 
     micro_weights = None
-    micro_coeff = settings.micro_coeff * state.loss_share
-    if micro_coeff:
-        micro_counts = PendingSum(_to_sum(local_counts, local_group), local_group,
-                                  settings.blocking_sync,
-                                  _what("micro-batch expert-count sum", router))
-
-        def micro_weights():
-            counts = micro_counts.wait()
-            num_tokens = counts[-1]
-            return load_balancing_weights(counts[:-1], num_tokens, num_tokens, router.topk,
-                                          num_experts, micro_coeff,
-                                          tokens_nonzero=tokens_nonzero)
+    if settings.micro_coeff:
+        micro_weights = _micro_weights(router, state, settings, local_counts, local_group,
+                                       num_experts, tokens_nonzero)
 
     if settings.scope == "seq":
         probs_sum, weights = _sequence_weights(router, state, settings, scores_TE, routing_map_TE,
@@ -267,6 +258,26 @@ class _DeferredLBL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_probs):
         return grad_probs, ctx.backward_weights(), None
+
+
+def _micro_weights(router, state: RouterState, settings: Settings, local_counts, local_group,
+                   num_experts: int, tokens_nonzero: bool):
+    """w of the added micro-batch LBL: issue the count sum over TP x CP, return w's thunk.
+
+    micro_coeff * LBL (eq. 2) with f_i and P_i over this micro-batch's tokens of the TP x CP
+    group (`local_group`): Megatron's own aux_loss, weighted beside the dp/global term.
+    """
+    counts = PendingSum(_to_sum(local_counts, local_group), local_group, settings.blocking_sync,
+                        _what("micro-batch expert-count sum", router))
+    coeff = settings.micro_coeff * state.loss_share
+
+    def weights():
+        counts_E1 = counts.wait()
+        num_tokens = counts_E1[-1]
+        return load_balancing_weights(counts_E1[:-1], num_tokens, num_tokens, router.topk,
+                                      num_experts, coeff, tokens_nonzero=tokens_nonzero)
+
+    return weights
 
 
 def _device_weights(router, state: RouterState, settings: Settings, local_counts,
