@@ -285,8 +285,8 @@ def _device_weights(router, state: RouterState, settings: Settings, local_counts
     """w of the device-level LBL: issue the count sum over the token group, return w's thunk.
 
     For micro-batch k and the token group G of the layer's all-to-all (compat.token_group:
-    TP x EP for every Megatron dispatcher), with D groups of consecutive experts (loss.
-    device_balancing_weights):
+    expert-tensor x expert-parallel ranks for every Megatron dispatcher), with D groups of
+    consecutive experts (loss.device_balancing_weights):
 
         L_G = device_coeff * D * Σ_d F_d * P_d,   F_d = C_d / (K * T_G),   P_d = S_d / T_G
 

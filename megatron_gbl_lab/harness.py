@@ -228,7 +228,9 @@ def _worker(fn, rank, world_size, init_file, results, args):
 def init_model_parallel(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
                         context_parallel_size: int = 1,
                         virtual_pipeline_model_parallel_size: Optional[int] = None,
-                        expert_model_parallel_size: int = 1) -> None:
+                        expert_model_parallel_size: int = 1,
+                        expert_tensor_parallel_size: Optional[int] = None) -> None:
+    """Megatron's initialize_model_parallel; expert_tensor_parallel_size None: the TP size."""
     from megatron.core import parallel_state
 
     parallel_state.initialize_model_parallel(
@@ -237,6 +239,7 @@ def init_model_parallel(tensor_model_parallel_size: int = 1, pipeline_model_para
         context_parallel_size=context_parallel_size,
         virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
         expert_model_parallel_size=expert_model_parallel_size,
+        expert_tensor_parallel_size=expert_tensor_parallel_size,
     )
 
 
@@ -283,6 +286,7 @@ def moe_config(**overrides):
             virtual_pipeline_model_parallel_size=vpp,
             context_parallel_size=parallel_state.get_context_parallel_world_size(),
             expert_model_parallel_size=parallel_state.get_expert_model_parallel_world_size(),
+            expert_tensor_parallel_size=parallel_state.get_expert_tensor_parallel_world_size(),
         )
         if vpp is not None:
             # Megatron-LM's p2p settings for the interleaved schedule (overlap on, so no

@@ -7,7 +7,8 @@ backward, finalize_model_grads. No gradient is averaged by hand.
 Every parameter is set from its global name (layer and expert by their global index, tensor-
 parallel shards cut from one full tensor), so every layout holds the same model. What comes back
 per MoE layer on this rank: the router's input of every micro-batch and its weight gradient, for
-the single-process reference on the concatenated global batch (tests/reference.py).
+the single-process reference on the concatenated global batch (tests/reference.py); and the
+ranks of this rank's token group, for the device-level loss's reference.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def runs(rank: int, world_size: int, calls: list) -> list:
 def layout_steps(rank: int, world_size: int, spec: dict) -> dict:
     """One model in one layout, one training step per entry of spec["steps"].
 
-    spec: layout (initialize_model_parallel sizes: tp, pp, vpp, cp, ep), config
+    spec: layout (initialize_model_parallel sizes: tp, pp, vpp, cp, ep, etp), config
     (TransformerConfig overrides), steps (list of (scope, enable kwargs), scope None = the
     plugin off), microbatches, seq, bsz, loss ("mean": Megatron's (loss, info); "tokens":
     (loss sum, token count, info), averaged by the schedule; "per_token": the same with
@@ -54,7 +55,8 @@ def layout_steps(rank: int, world_size: int, spec: dict) -> dict:
         pipeline_model_parallel_size=layout.get("pp", 1),
         virtual_pipeline_model_parallel_size=layout.get("vpp"),
         context_parallel_size=layout.get("cp", 1),
-        expert_model_parallel_size=layout.get("ep", 1))
+        expert_model_parallel_size=layout.get("ep", 1),
+        expert_tensor_parallel_size=layout.get("etp"))
     config = harness.moe_config(
         calculate_per_token_loss=spec.get("loss") == "per_token", **spec.get("config", {}))
     chunks = [harness.build_gpt_moe(config, VOCAB, spec["seq"], vp_stage=stage)
@@ -67,6 +69,9 @@ def layout_steps(rank: int, world_size: int, spec: dict) -> dict:
     names = {param: name for chunk in chunks for name, param in _global_names(chunk).items()}
 
     compat.clear_tracker()
+    # The ranks whose tokens one expert dispatch exchanges (expert-tensor x expert-parallel).
+    token_group = dist.get_process_group_ranks(
+        parallel_state.get_expert_tensor_and_model_parallel_group())
     data = _global_batch(spec, parallel_state)
     results = []
     for step, (scope, settings) in enumerate(spec["steps"]):
@@ -87,7 +92,7 @@ def layout_steps(rank: int, world_size: int, spec: dict) -> dict:
             seq_length=spec["seq"] // parallel_state.get_context_parallel_world_size(),
             micro_batch_size=spec["bsz"], forward_only=False)
         routers = {router.layer_number: router for router in _routers(chunks)}
-        result = {"routers": {
+        result = {"token_group": token_group, "routers": {
             layer: {"grad": router.weight.main_grad.detach().double() / grad_scale,
                     "weight": router.weight.detach().clone(),
                     "inputs": list(inputs[layer]),

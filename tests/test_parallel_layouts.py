@@ -4,11 +4,12 @@ all-reduce overlapped with the backward, finalize_model_grads, the schedules' lo
 
 Layouts: TP 2 with sequence parallelism, CP 2, EP 2 (allgather dispatcher), PP 2 with 1F1B and
 with the interleaved schedule (VPP 2); on 8 ranks TP 2 x PP 2 x DP 2 (1F1B and interleaved) and
-TP 2 x CP 2 x DP 2 with EP 2; pipeline stages without MoE layers at every scope. A router's
-gradient is compared with the gradient of the reference's LBL (reference.py: plain torch on the
-concatenated global batch) on the inputs the router got on every rank: the language-model loss
-is multiplied by 0 and the experts' output weights are 0, so each router's gradient is its own
-layer's LBL gradient.
+TP 2 x CP 2 x DP 2 with EP 2; pipeline stages without MoE layers at every scope; the
+device-level loss (device_coeff) under TP 2 with expert-tensor sizes 2 and 1, and under TP x CP.
+A router's gradient is compared with the gradient of the reference's LBL (reference.py: plain
+torch on the concatenated global batch) on the inputs the router got on every rank: the
+language-model loss is multiplied by 0 and the experts' output weights are 0, so each router's
+gradient is its own layer's LBL gradient.
 """
 
 import inspect
@@ -21,6 +22,7 @@ import reference
 from megatron_gbl_lab.harness import run_gloo
 
 TOPK, COEFF = 2, 1e-2  # harness.moe_config's
+DEVICE = dict(device_coeff=1e-1)
 MAX_REL_ERR = 1e-5
 ROUTER_RUN = dict(microbatches=4, seq=8, bsz=2, lm_loss=False, isolate_routers=True,
                   steps=[("dp", {}), ("global", {})], config=dict(num_layers=2))
@@ -74,12 +76,22 @@ FOUR_RANKS = {
                             config=dict(num_layers=3, moe_layer_freq=[0, 1, 1],
                                         num_layers_in_first_pipeline_stage=1)),
     "dense model": ("dense_model_error", dict(pp=2)),
+    # The device-level loss's token group G (expert-tensor x expert-parallel) against TP x CP:
+    # G = all 4 ranks (ETP 2 x EP 2), G = the TP pair (ETP 1 x EP 2); on 8 ranks G = half of
+    # TP x CP (lbl._device_weights' fractional R_G).
+    "TP 2 + SP x EP 2, device": layout(
+        layout=dict(tp=2, ep=2), steps=[("global", DEVICE), ("dp", dict(DEVICE, device_groups=4))]),
+    "TP 2 + SP, ETP 1 x EP 2, device": layout(layout=dict(tp=2, etp=1, ep=2),
+                                              steps=[("global", DEVICE)]),
 }
 EIGHT_RANKS = {
     "TP 2 x PP 2 x DP 2": layout(layout=dict(tp=2, pp=2), loss="tokens", config=PIPELINED),
     "TP 2 x PP 2 (VPP 2) x DP 2": layout(layout=dict(tp=2, pp=2, vpp=2), loss="mean",
                                          grad_scale=2.0, config=PIPELINED),
-    "TP 2 x CP 2 x DP 2, EP 2": layout(layout=dict(tp=2, cp=2, ep=2), loss="mean"),
+    "TP 2 x CP 2 x DP 2, EP 2": layout(layout=dict(tp=2, cp=2, ep=2), loss="mean",
+                                       steps=ROUTER_RUN["steps"] + [("global", DEVICE)]),
+    "TP 2 x CP 2 x DP 2, ETP 1 x EP 2, device": layout(layout=dict(tp=2, cp=2, etp=1, ep=2),
+                                                       loss="mean", steps=[("global", DEVICE)]),
 }
 
 
@@ -103,48 +115,62 @@ def rel_err(actual, expected):
     return float((actual.double() - expected).norm() / expected.norm())
 
 
-def reference_loss(scope: str, hidden: list):
-    """The step's LBL at `scope` as a function of the router weight; hidden[k][r] is rank r's
+def reference_loss(scope: str, hidden: list, settings: dict, token_groups: list, spec: dict):
+    """The step's loss at `scope` as a function of the router weight; hidden[k][r] is rank r's
     router input of micro-batch k (every rank of the stage holds distinct tokens; for micro and
-    seq, as used here, each rank is its own TP x CP group)."""
+    seq, as used here, each rank is its own TP x CP group). With device_coeff in the step's
+    `settings`, plus the device-level loss over `token_groups` (lists of indices r)."""
     if scope in ("dp", "global"):
-        return lambda weight: reference.global_batch_lbl(
-            weight, hidden, None, TOPK, COEFF, buffered=scope == "global")[0]
-    per_call = {"micro": reference.micro_batch_lbl, "seq": reference.sequence_lbl}[scope]
-    # Megatron's DDP averages the ranks' gradients, the schedule the micro-batches'.
-    return lambda weight: torch.stack([per_call(weight, h, TOPK, COEFF)
-                                       for ranks in hidden for h in ranks]).mean()
+        def scoped(weight):
+            return reference.global_batch_lbl(weight, hidden, None, TOPK, COEFF,
+                                              buffered=scope == "global")[0]
+    else:
+        per_call = {"micro": reference.micro_batch_lbl, "seq": reference.sequence_lbl}[scope]
+
+        def scoped(weight):
+            # Megatron's DDP averages the ranks' gradients, the schedule the micro-batches'.
+            return torch.stack([per_call(weight, h, TOPK, COEFF)
+                                for ranks in hidden for h in ranks]).mean()
+    if not settings.get("device_coeff"):
+        return scoped
+    num_devices = settings.get("device_groups") or spec["layout"].get("ep", 1)
+    return lambda weight: scoped(weight) + reference.device_balance_loss(
+        weight, hidden, None, token_groups, TOPK, settings["device_coeff"], num_devices)
 
 
-def router_errors(per_rank: list, step: int, scope: str, microbatches: int,
-                  factor: float = 1.0) -> dict:
+def router_errors(per_rank: list, step: int, spec: dict, factor: float = 1.0) -> dict:
     """Per MoE layer: the largest relative error, over the ranks that hold it, of the router
     gradient against `factor` times the reference's."""
+    scope, settings = spec["steps"][step]
     holders = {}
     for results in per_rank:
         for layer, router in results[step]["routers"].items():
             holders.setdefault(layer, []).append(router)
+    token_groups = sorted({tuple(results[step]["token_group"]) for results in per_rank})
     errors = {}
     for layer, routers in holders.items():
+        # The device loss's token groups index hidden by rank: every rank must hold the layer.
+        assert not settings.get("device_coeff") or len(routers) == len(per_rank), layer
         weight = routers[0]["weight"]
         assert all(torch.equal(r["weight"], weight) for r in routers), layer
-        assert all(len(r["inputs"]) == microbatches for r in routers), layer
-        hidden = [[r["inputs"][k] for r in routers] for k in range(microbatches)]
-        expected = factor * reference.grad_of(reference_loss(scope, hidden), weight)
+        assert all(len(r["inputs"]) == spec["microbatches"] for r in routers), layer
+        hidden = [[r["inputs"][k] for r in routers] for k in range(spec["microbatches"])]
+        loss = reference_loss(scope, hidden, settings, token_groups, spec)
+        expected = factor * reference.grad_of(loss, weight)
         assert expected.abs().sum() > 0
         errors[layer] = max(rel_err(r["grad"], expected) for r in routers)
     return errors
 
 
 def check_against_reference(label: str, per_rank: list, spec: dict, factor: float = 1.0) -> None:
-    for step, (scope, _) in enumerate(spec["steps"]):
+    for step, (scope, settings) in enumerate(spec["steps"]):
         if scope == "shuffle":  # a random draw, no closed-form reference: it trains the routers
             assert all(router["grad"].abs().sum() > 0 for results in per_rank
                        for router in results[step]["routers"].values()), label
             continue
-        per_layer = router_errors(per_rank, step, scope, spec["microbatches"], factor)
+        per_layer = router_errors(per_rank, step, spec, factor)
         assert per_layer, f"{label}: no MoE layer"
-        print(f"\n{label}, scope {scope}: rel. err. per MoE layer "
+        print(f"\n{label}, scope {scope} {settings or ''}: rel. err. per MoE layer "
               + ", ".join(f"{layer}: {err:.1e}" for layer, err in sorted(per_layer.items())))
         assert max(per_layer.values()) <= MAX_REL_ERR, (label, scope, per_layer)
 
@@ -171,8 +197,9 @@ def per_token_count_includes_context_parallel() -> bool:
     return "with_context_parallel=True" in source or "dp_cp_group" in source
 
 
-@pytest.mark.parametrize("label", ["PP 2 1F1B", "PP 2 interleaved (VPP 2)"])
-def test_pipeline_schedules_match_reference(four_ranks, label):
+@pytest.mark.parametrize("label", ["PP 2 1F1B", "PP 2 interleaved (VPP 2)",
+                                   "TP 2 + SP x EP 2, device", "TP 2 + SP, ETP 1 x EP 2, device"])
+def test_four_rank_layouts_match_reference(four_ranks, label):
     check_against_reference(label, four_ranks[label], FOUR_RANKS[label][1])
 
 
