@@ -296,9 +296,9 @@ def layer_index(router) -> int:
     num_layers`, router.attach_and_log_load_balancing_loss); 0.16 numbers them after the decoder
     layers already; 0.12-0.15 give them all number 1 (steps.py refuses such a model).
     """
-    # Read from the instance: on releases without the attribute, getattr with a default goes
-    # through nn.Module.__getattr__'s AttributeError, about 17K host instructions per router
-    # call here (benchmarks/router_instructions.py), 1.4% of upstream's whole routing.
+    # From the instance dict: before 0.17 the attribute is missing, and getattr's default then
+    # costs an AttributeError raised in nn.Module.__getattr__, in every router call
+    # (benchmarks/RESULTS.md, "Host work re-counted on the newest code").
     if vars(router).get("is_mtp_layer", False):
         return router.layer_number + router.config.num_layers
     return router.layer_number
