@@ -176,7 +176,7 @@ def reset_upstream_expert_load(router) -> None:
 
 def expert_bias_frozen(router) -> bool:
     """0.19's `frozen_expert_bias`: upstream never updates such a bias, nor does the plugin."""
-    return bool(getattr(router, "frozen_expert_bias", False))
+    return bool(_router_attribute(router, "frozen_expert_bias", False))
 
 
 def padding_mask_from_call(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
@@ -184,6 +184,17 @@ def padding_mask_from_call(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
     if "padding_mask" in kwargs:
         return kwargs["padding_mask"]
     return args[0] if args else None
+
+
+def _router_attribute(router, name: str, default):
+    """`router.<name>` as the releases that have it set it in `__init__`, else `default`.
+
+    Read from the instance dict because the routers of the releases without it take this path
+    in every call, and there getattr's default costs an AttributeError raised in
+    nn.Module.__getattr__ (benchmarks/RESULTS.md, "Host work re-counted on the newest code").
+    Only for plain attributes: parameters and buffers live elsewhere.
+    """
+    return vars(router).get(name, default)
 
 
 def aux_scores_and_map(
@@ -209,13 +220,13 @@ def aux_scores_and_map(
 
 def tp_cp_group(router):
     """Tensor x context parallel group of this router (the micro-batch balance group)."""
-    group = getattr(router, "tp_cp_group", None)
+    group = _router_attribute(router, "tp_cp_group", None)
     return group if group is not None else parallel_state.get_tensor_and_context_parallel_group()
 
 
 def tp_dp_cp_group(router):
     """Tensor x data x context parallel group of this router's pipeline stage."""
-    group = getattr(router, "tp_dp_cp_group", None)
+    group = _router_attribute(router, "tp_dp_cp_group", None)
     return group if group is not None else default_tp_dp_cp_group()
 
 
@@ -296,10 +307,7 @@ def layer_index(router) -> int:
     num_layers`, router.attach_and_log_load_balancing_loss); 0.16 numbers them after the decoder
     layers already; 0.12-0.15 give them all number 1 (steps.py refuses such a model).
     """
-    # From the instance dict: before 0.17 the attribute is missing, and getattr's default then
-    # costs an AttributeError raised in nn.Module.__getattr__, in every router call
-    # (benchmarks/RESULTS.md, "Host work re-counted on the newest code").
-    if vars(router).get("is_mtp_layer", False):
+    if _router_attribute(router, "is_mtp_layer", False):
         return router.layer_number + router.config.num_layers
     return router.layer_number
 
@@ -309,7 +317,8 @@ def calls_per_microbatch(router) -> int:
     `mtp_use_repeated_layer` (0.17+) runs at every prediction depth, else 1. Upstream divides
     that layer's aux loss by the same number, so a step counts it once."""
     config = router.config
-    if getattr(router, "is_mtp_layer", False) and getattr(config, "mtp_use_repeated_layer", False):
+    if _router_attribute(router, "is_mtp_layer", False) \
+            and getattr(config, "mtp_use_repeated_layer", False):
         return config.mtp_num_layers
     return 1
 
