@@ -305,7 +305,8 @@ def bad_input_messages(rank: int, world_size: int) -> dict:
     megatron_gbl.enable("global")
     megatron_gbl.start_step(model, num_microbatches=1)
     router(torch.randn(4, 2, model.config.hidden_size))
-    capture("counted twice", lambda: router(torch.randn(4, 2, model.config.hidden_size)))
+    router(torch.randn(4, 2, model.config.hidden_size))
+    capture("counted twice", lambda: megatron_gbl.finish_step(model))
     # As the MoE layers of a HybridModel's MTP layers are numbered (0.19): again from 1.
     twins = harness.build_gpt_moe(harness.moe_config())
     harness.routers_of(twins)[1].layer_number = 1
@@ -535,34 +536,30 @@ def failing_step_run(rank: int, world_size: int, spec: dict) -> dict:
 
 
 def nan_logits_run(rank: int, world_size: int, spec: dict) -> dict:
-    """NaN router input in MoE layer 2 at step `nan_step` (on rank `nan_rank` only, if given);
-    returns the error the step raised, or, when none did, the expert biases and whether step
-    metrics existed after every step."""
+    """NaN router input in MoE layer 2 at step `nan_step`: the error the step raised, the steps
+    done before it, and the expert biases after it (None without expert bias)."""
     if not harness.model_parallel_initialized():
         harness.init_model_parallel()
     config = harness.moe_config(**spec.get("config", {}))
     model = harness.build_gpt_moe(config, vocab_size=64, max_sequence_length=spec["seq"])
     megatron_gbl.enable(spec["scope"], model=model)
     routers = harness.routers_of(model)
-    steps_done, biases, has_metrics = [], [], []
-    poisoned = spec.get("nan_rank", rank) == rank
+    steps_done = []
     routers[1].register_forward_pre_hook(
         lambda module, args: (args[0] * float("nan"),) + args[1:]
-        if poisoned and len(steps_done) == spec["nan_step"] else None)
+        if len(steps_done) == spec["nan_step"] else None)
+    error = None
     for seed in range(spec["steps"]):
         try:
             _train(model, None, [seed], spec)
-        except FloatingPointError as error:
-            bias = [r.expert_bias.clone() for r in routers] \
-                if config.moe_router_enable_expert_bias else None
-            megatron_gbl.disable()
-            return {"error": str(error), "steps_done": len(steps_done), "bias": bias}
+        except FloatingPointError as raised:
+            error = str(raised)
+            break
         steps_done.append(seed)
-        biases.append([r.expert_bias.clone() for r in routers])
-        has_metrics.append(megatron_gbl.step_metrics(model) is not None)
+    bias = [r.expert_bias.clone() for r in routers] \
+        if config.moe_router_enable_expert_bias else None
     megatron_gbl.disable()
-    return {"error": None, "steps_done": len(steps_done), "biases": biases,
-            "has_metrics": has_metrics}
+    return {"error": error, "steps_done": len(steps_done), "bias": bias}
 
 
 def die_mid_step(rank: int, world_size: int, init_file: str, result_file: str,
