@@ -304,9 +304,20 @@ def bad_input_messages(rank: int, world_size: int) -> dict:
             lambda: router(torch.randn(4, 2, model.config.hidden_size))[0].sum().backward())
     megatron_gbl.enable("global")
     megatron_gbl.start_step(model, num_microbatches=1)
-    router(torch.randn(4, 2, model.config.hidden_size))
+    for each in harness.routers_of(model):
+        each(torch.randn(4, 2, model.config.hidden_size))
     router(torch.randn(4, 2, model.config.hidden_size))
     capture("counted twice", lambda: megatron_gbl.finish_step(model))
+    # A TopKRouter subclass whose routing never calls TopKRouter.routing: no LBL at all.
+    overriding = harness.build_gpt_moe(harness.moe_config())
+    own = harness.routers_of(overriding)[1]
+    own.__class__ = type("OwnRoutingRouter", (type(own),), {
+        "routing": lambda self, logits, *args, **kwargs: torch.topk(logits.softmax(-1), 2)})
+    megatron_gbl.enable("global")
+    megatron_gbl.start_step(overriding, num_microbatches=1)
+    for each in harness.routers_of(overriding):
+        each(torch.randn(4, 2, overriding.config.hidden_size))
+    capture("routing overridden without the base", lambda: megatron_gbl.finish_step(overriding))
     # As the MoE layers of a HybridModel's MTP layers are numbered (0.19): again from 1.
     twins = harness.build_gpt_moe(harness.moe_config())
     harness.routers_of(twins)[1].layer_number = 1
