@@ -153,8 +153,9 @@ class RouterState:
         self.calls += 1
 
     def miscounted(self) -> bool:
-        """The step's training calls differ from its micro-batches (when known)."""
-        return self.expected_microbatches is not None \
+        """The router ran in this step, but not once per micro-batch (when their number is
+        known). A router that did not run at all is no fault: a layer may sit a step out."""
+        return self.expected_microbatches is not None and self.calls > 0 \
             and self.calls != self.expected_microbatches * self.calls_per_microbatch
 
     @property

@@ -228,13 +228,13 @@ def _step_faults(in_step: list[TopKRouter]) -> torch.Tensor:
     """int64 [3]: whether this rank saw, in this step, router logits with NaN or inf (not a
     fault with fp16: Megatron's grad scaler skips such a step, and the plugin follows the
     optimizer, `undo_skipped_step`); a router that trained without a call of
-    TopKRouter.routing; a router whose calls differ from the step's micro-batches."""
+    TopKRouter.routing; a router that ran, but not once per micro-batch."""
     logit_sums = [total for router in in_step for total in router._megatron_gbl.logit_sums]
     faults_F = torch.zeros(3, dtype=torch.int64, device=comm.collective_device())
     if logit_sums and not compat.grad_scaler_skips_non_finite(in_step[0].config):
         # One sum of every layer's logit sums: NaN or inf if any is.
         faults_F[_NON_FINITE] = torch.isfinite(torch.stack(logit_sums).sum()).logical_not()
-    if any(router._megatron_gbl.calls == 0 for router in in_step):
+    if any(_routing_bypassed(router) for router in in_step):
         faults_F[_NOT_ROUTED] = 1
     if any(router._megatron_gbl.miscounted() for router in in_step):
         faults_F[_MISCOUNTED] = 1
@@ -249,12 +249,13 @@ def _fault_error(faults: list[int], in_step: list[TopKRouter]) -> Exception:
             f"megatron_gbl: router logits with NaN or inf at training iteration {_ITERATION} "
             f"(0-based; Megatron-LM logs it as iteration {_ITERATION + 1}) on "
             f"{faults[_NON_FINITE]} rank(s); on this rank in MoE layer(s) "
-            f"{_non_finite_layers(in_step) or 'none'}. The router's input already held them: check this "
-            "step's data and the learning rate, or set --check-for-nan-in-loss-and-grad; "
-            "every rank stops, the step is discarded, the expert bias is not updated.")
+            f"{_non_finite_layers(in_step) or 'none'}. The router's input already held them: "
+            "check this step's data and the learning rate, or set "
+            "--check-for-nan-in-loss-and-grad; every rank stops, the step is discarded, the "
+            "expert bias is not updated.")
     if faults[_NOT_ROUTED]:
         unrouted = ", ".join(f"MoE layer {compat.layer_index(router)} ({type(router).__name__})"
-                             for router in in_step if router._megatron_gbl.calls == 0)
+                             for router in in_step if _routing_bypassed(router))
         return RuntimeError(
             f"megatron_gbl: on {faults[_NOT_ROUTED]} rank(s) an MoE layer trained without a "
             f"call of TopKRouter.routing (on this rank: {unrouted or 'none'}): a "
@@ -274,6 +275,12 @@ def _fault_error(faults: list[int], in_step: list[TopKRouter]) -> Exception:
         "step runs; non-reentrant activation checkpointing re-runs the router with gradients "
         "on: use Megatron's recompute (--recompute-granularity / --recompute-modules), which "
         "replays it once")
+
+
+def _routing_bypassed(router: TopKRouter) -> bool:
+    """Whether `router` overrides TopKRouter.routing and its override never called it this step
+    (a layer that did not run at all in a step is no fault)."""
+    return router._megatron_gbl.calls == 0 and type(router).routing is not TopKRouter.routing
 
 
 def _non_finite_layers(routers: list[TopKRouter]) -> list[int]:

@@ -220,6 +220,8 @@ RUNTIME = {
     "routing overridden without the base": ["without a call of TopKRouter.routing",
                                             "MoE layer 2 (OwnRoutingRouter)", "super().routing"],
     "two MoE layers with one layer number": ["layer number 1", "--hybrid-layer-pattern"],
+    "MoE layers that balance differently": ["balance in different ways", "an LBL",
+                                            "no LBL", "moe_router_enable_expert_bias"],
     "step never finished": ["never finished", "finish_step", "discard_step"],
     "before enable": ["start_step", "enable(scope) first"],
 }

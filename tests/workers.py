@@ -323,6 +323,13 @@ def bad_input_messages(rank: int, world_size: int) -> dict:
     harness.routers_of(twins)[1].layer_number = 1
     capture("two MoE layers with one layer number",
             lambda: megatron_gbl.enable("global", model=twins))
+    # Two chunks of one model (layers 1-2 and 3-4) whose MoE layers balance differently: an LBL
+    # in one, expert bias alone in the other.
+    later_chunk = harness.build_gpt_moe(harness.moe_config(**AUX_FREE))
+    for each in harness.routers_of(later_chunk):
+        each.layer_number += 2
+    capture("MoE layers that balance differently",
+            lambda: megatron_gbl.enable("global", model=[model, later_chunk]))
     aux_free = harness.build_gpt_moe(harness.moe_config(**AUX_FREE))
     megatron_gbl.enable("global")
     megatron_gbl.start_step(aux_free)
