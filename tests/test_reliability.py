@@ -5,7 +5,6 @@ Bad input has its own catalog: tests/bad_input.py, tests/test_bad_input.py.
 
 import inspect
 import json
-import multiprocessing
 import time
 
 import pytest
@@ -152,7 +151,10 @@ def test_single_data_parallel_rank_and_single_micro_batch():
 
 def test_a_rank_that_dies_mid_step_stops_the_others_with_a_clear_error(tmp_path):
     timeout_s = 20
-    context = multiprocessing.get_context("spawn")
+    # Forked from the warm server run_gloo started (no interpreter start-up on a loaded box).
+    context = torch.multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["megatron_gbl_lab.quiet", "megatron_gbl.patch",
+                                    "megatron_gbl_lab.harness"])
     result_file = tmp_path / "rank0.json"
     procs = [context.Process(target=workers.die_mid_step,
                              args=(rank, 2, str(tmp_path / "rendezvous"), str(result_file),
