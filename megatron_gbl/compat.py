@@ -204,7 +204,7 @@ def padding_mask_from_call(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
 # default `_router_attribute` is given; from it on, a router without the attribute means it
 # was renamed or removed, and the plugin stops instead of falling back.
 ROUTER_ATTRIBUTE_SINCE = {
-    "tp_cp_group": (0, 14),      # else parallel_state's tensor x context parallel group
+    "tp_cp_group": (0, 13),      # else parallel_state's tensor x context parallel group
     "tp_dp_cp_group": (0, 15),   # else parallel_state's tensor x data x context group
     "is_mtp_layer": (0, 17),     # else False (MTP layers are numbered after the decoder's)
     "frozen_expert_bias": (0, 19),  # else False (no frozen bias)
