@@ -82,6 +82,7 @@ class RouterState:
     device_groups: int = 1
     logit_sums: list = field(default_factory=list)  # fp32 []: NaN or inf if a logit was
     shuffle_generator: Optional[torch.Generator] = None
+    qb: Optional[object] = None  # quantile balancing: this step's quantile.StepHistograms
 
     def __post_init__(self):
         self.depth_buffers = [StepBuffer() for _ in range(self.calls_per_microbatch)]
@@ -116,6 +117,7 @@ class RouterState:
         self.expected_microbatches = expected_microbatches
         self.calls = 0
         self.logit_sums.clear()
+        self.qb = None
 
     def close_step(self) -> None:
         """The step finished or was discarded: no training call until the next start_step."""

@@ -134,7 +134,8 @@ def configure(args: argparse.Namespace) -> None:
     training = importlib.import_module("megatron.training")
     steps.set_iteration(0, source=lambda: getattr(training.get_args(), "curr_iteration", None))
     names = metrics.names(balancing.lbl_type is not None,
-                          balancing.bias_update_rate is not None)
+                          balancing.bias_update_rate is not None,
+                          balancing.quantile_ema is not None)
     if settings.device_coeff:
         names += (metrics.DEVICE_LBL,)
     # From the arguments, not from this rank's routers: a pipeline stage without MoE layers

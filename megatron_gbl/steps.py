@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.transformer.moe.router import TopKRouter
 
-from megatron_gbl import bias, comm, compat, metrics
+from megatron_gbl import bias, comm, compat, metrics, quantile
 from megatron_gbl.config import Settings, check_sync_group_size, device_groups, router_balancing
 from megatron_gbl.lbl import BalanceBSZ, RouterState, bias_groups
 
@@ -138,6 +138,8 @@ def finish_step(model: Model) -> None:
         bias.step_update([router.expert_bias for router in routers],
                          [router._megatron_gbl.bias for router in routers],
                          *bias_groups(routers[0], _PHASE, sync_group(routers[0], _PHASE)))
+    if in_step and in_step[0]._megatron_gbl.balancing.quantile_ema is not None:
+        quantile.step_update(in_step, _PHASE, sync_group(in_step[0], _PHASE))
     for router in in_step:
         router._megatron_gbl.close_step()
 

@@ -320,6 +320,28 @@ def bad_input_messages(rank: int, world_size: int) -> dict:
     return messages
 
 
+def quantile_bad_input_messages(rank: int, world_size: int) -> dict:
+    """The errors quantile balancing gets at its first training call (Megatron-Core 0.19+)."""
+    harness.init_model_parallel()
+    model = harness.build_gpt_moe(harness.moe_config(
+        moe_router_load_balancing_type="quantile_balancing", moe_aux_loss_coeff=0.0))
+    router = harness.routers_of(model)[0]
+    messages = {}
+    for case, (shape, padding_mask) in {  # [S, B] of the router input; 8 experts, top-2
+            "a padding mask": ((4, 2), torch.zeros(4, 2, dtype=torch.bool)),
+            "a micro-batch with N K not a multiple of E": ((3, 1), None)}.items():
+        megatron_gbl.enable("global", model=model)
+        megatron_gbl.start_step(model, num_microbatches=1)
+        try:
+            router(torch.randn(*shape, model.config.hidden_size), padding_mask)
+        except ValueError as error:
+            messages[case] = str(error)
+        finally:
+            megatron_gbl.disable()
+    harness.destroy_model_parallel()
+    return messages
+
+
 def bias_router_steps(rank: int, world_size: int, spec: dict) -> dict:
     """Train-mode calls of one real sigmoid TopKRouter with expert bias (aux-loss-free).
 
