@@ -46,9 +46,9 @@ def layout_steps(rank: int, world_size: int, spec: dict) -> dict:
     gradient is its own layer's LBL gradient, all a reference of one layer computes),
     all_grads (also return every parameter's gradient by global name), domains (each
     data-parallel replica's tokens from its own 1 / DP of the vocabulary: domain-pure
-    micro-batches). With quantile balancing (Megatron-Core 0.19+) each MoE layer also returns
-    its bias after the step and, per training call, its fp32 logits [T, E] and routing map; and
-    the step metrics come back.
+    micro-batches), metrics (return megatron_gbl.step_metrics after each step). With quantile
+    balancing (Megatron-Core 0.19+) each MoE layer also returns its bias after the step and, per
+    training call, its fp32 logits [T, E] and routing map.
     """
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -98,7 +98,8 @@ def layout_steps(rank: int, world_size: int, spec: dict) -> dict:
             seq_length=spec["seq"] // parallel_state.get_context_parallel_world_size(),
             micro_batch_size=spec["bsz"], forward_only=False)
         routers = {compat.layer_index(router): router for router in _routers(chunks)}
-        result = {"token_group": token_group, "routers": {
+        result = {"token_group": token_group,
+                  "replica": parallel_state.get_data_parallel_rank(), "routers": {
             layer: {"grad": router.weight.main_grad.detach().double() / grad_scale,
                     "weight": router.weight.detach().clone(),
                     "inputs": list(inputs[layer]),
@@ -107,7 +108,7 @@ def layout_steps(rank: int, world_size: int, spec: dict) -> dict:
                     **({"qb_beta": compat.qb_bias(router).detach().clone(),
                         "calls": list(calls[layer])} if quantile_balancing else {})}
             for layer, router in routers.items()}}
-        if quantile_balancing and scope is not None:
+        if spec.get("metrics") and scope is not None:
             result["metrics"] = megatron_gbl.step_metrics(model)
         if spec.get("all_grads"):
             result["grads"] = {names[param]: param.main_grad.detach().clone() / grad_scale

@@ -113,14 +113,14 @@ def test_upstream_would_carry_nan_logits_into_every_replicas_bias():
 
 def qb_run(steps, layout=None, config=None, **spec):
     run = dict(microbatches=2, seq=16, bsz=2, loss="mean", lm_loss=True, layout=layout or {},
-               config=dict(QB, num_layers=1, **(config or {})), steps=steps)
+               config={**QB, "num_layers": 1, **(config or {})}, steps=steps)
     run.update(spec)
     return ("layout_steps", run)
 
 
 # The issue's setting: 4 DP ranks x 2 micro-batches of 32 tokens (16 x 2), one MoE layer of 8
 # experts (top-2), each rank's tokens from its own quarter of the vocabulary, EMA 0.
-ISSUE = dict(domains=True)
+ISSUE = dict(domains=True, metrics=True)
 ISSUE_RUNS = {
     "upstream": qb_run([(None, {})] * 3, **ISSUE),
     "micro": qb_run([("micro", {})] * 3, **ISSUE),
@@ -276,3 +276,138 @@ def test_step_metrics(issue_runs):
     global_violation = float(every_rank.max() / every_rank.double().mean() - 1)
     assert float(glob[0][-1]["metrics"].values[metrics.GLOBAL_LOAD_VIOLATION][0]) == \
         pytest.approx(global_violation)
+
+
+# ------------------------------------------------------------------ layouts and features
+
+FULL_RECOMPUTE = dict(recompute_granularity="full", recompute_method="uniform",
+                      recompute_num_layers=1)
+MTP = dict(num_layers=2, mtp_num_layers=2, mtp_loss_scaling_factor=0.1,
+           mtp_use_repeated_layer=True)
+
+
+def scope_runs(layout, config=None, scopes=("micro", "global", "dp"), **spec):
+    """upstream (plugin off) and the plugin at each scope, 2 steps each, in one layout."""
+    runs = {"upstream": qb_run([(None, {})] * 2, layout, config, **spec)}
+    for scope in scopes:
+        name, _, size = scope.partition(":")
+        settings = dict(sync_group_size=int(size)) if size else {}
+        runs[scope] = qb_run([(name, settings)] * 2, layout, config, **spec)
+    return runs
+
+
+LAYOUTS_2 = {
+    "TP 2 + SP": scope_runs(dict(tp=2)),
+    "CP 2": scope_runs(dict(cp=2)),
+    "EP 2": scope_runs(dict(ep=2), loss="per_token"),
+    "MTP (repeated layer), full recompute": dict(
+        scope_runs({}, dict(MTP, **FULL_RECOMPUTE)),
+        **{"global, no recompute": qb_run([("global", {})] * 2, {}, MTP)}),
+}
+LAYOUTS_4 = {
+    "PP 2 interleaved (VPP 2)": scope_runs(dict(pp=2, vpp=2), dict(num_layers=4)),
+    "dense first stage": scope_runs(dict(pp=2), dict(num_layers=2, moe_layer_freq=[0, 1]),
+                                    scopes=("micro", "global")),
+    "TP 2 + SP x DP 2": scope_runs(dict(tp=2), scopes=("micro", "global", "global:1")),
+}
+
+
+def _layout_runs(layouts: dict, world_size: int) -> dict:
+    calls = {(label, run): call for label, runs in layouts.items() for run, call in runs.items()}
+    results = _run(calls, world_size)
+    return {label: {run: results[(label, run)] for run in runs}
+            for label, runs in layouts.items()}
+
+
+@pytest.fixture(scope="module")
+def two_rank_layouts():
+    return _layout_runs(LAYOUTS_2, 2)
+
+
+@pytest.fixture(scope="module")
+def four_rank_layouts():
+    return _layout_runs(LAYOUTS_4, 4)
+
+
+def replica_blocks(per_rank, layer, step=0):
+    """Holder indices of `layer` grouped by data-parallel replica (the TP x CP ranks of one)."""
+    replicas = {}
+    for index, (rank, _) in enumerate(holders(per_rank, step)[layer]):
+        replicas.setdefault(per_rank[rank][step]["replica"], []).append(index)
+    return list(replicas.values())
+
+
+def check_layout(runs: dict, label: str) -> None:
+    assert_micro_is_upstream(runs["upstream"], runs["micro"], label)
+    for run, per_rank in runs.items():
+        if run in ("upstream", "micro"):
+            continue
+        scope = run.split(":")[0].split(",")[0]
+        blocks = None
+        if run.endswith(":1"):  # one replica per block
+            blocks = replica_blocks(per_rank, next(iter(holders(per_rank, 0))))
+        assert_matches_reference(per_rank, scope, f"{label}, {run}", blocks)
+
+
+@pytest.mark.parametrize("label", list(LAYOUTS_2))
+def test_two_rank_layouts(two_rank_layouts, label):
+    runs = two_rank_layouts[label]
+    check_layout(runs, label)
+    if "global, no recompute" in runs:
+        # MTP layers took part, and recompute changed nothing: no call counted twice.
+        layers = holders(runs["global"], 0)
+        assert sorted(layers) == [1, 2, 3]  # 2 decoder layers, the repeated MTP layer
+        assert len(layers[3][0][1]["calls"]) == 2 * 2  # 2 micro-batches x 2 depths
+        for step in range(2):
+            for layer, routers in holders(runs["global"], step).items():
+                other = holders(runs["global, no recompute"], step)[layer]
+                assert torch.equal(routers[0][1]["qb_beta"], other[0][1]["qb_beta"]), layer
+
+
+@pytest.mark.parametrize("label", list(LAYOUTS_4))
+def test_four_rank_layouts(four_rank_layouts, label):
+    runs = four_rank_layouts[label]
+    if label == "dense first stage":
+        assert any(not results[0]["routers"] for results in runs["global"])
+    check_layout(runs, label)
+
+
+# ------------------------------------------------------------------ resume, skipped steps
+
+def test_resume_mid_run_restores_the_bias_and_continues_identically(tmp_path):
+    import workers
+
+    run = dict(config=dict(QB, bf16=True, params_dtype=torch.bfloat16), scope="global", steps=4,
+               first=2, microbatches=2, seq=8, bsz=2, ckpt_dir=str(tmp_path))
+    for result in run_gloo(workers.resume_run, 2, run):
+        for saved, loaded in zip(result["saved_bias"], result["loaded_bias"]):
+            assert saved.dtype == loaded.dtype == torch.float32  # in a bf16 model
+            assert torch.equal(saved, loaded) and saved.abs().sum() > 0
+        assert [name for name in result["uninterrupted"] if name.endswith("qb_beta")]
+        for name, value in result["uninterrupted"].items():
+            assert torch.equal(result["resumed"][name], value), name
+
+
+@pytest.mark.parametrize("scope", ["micro", "global"])
+def test_a_step_that_fp16_skips_leaves_the_bias_alone(scope):
+    """The plugin's choice: with fp16, a step whose router logits hold NaN or inf is skipped by
+    Megatron's grad scaler and by the plugin, which then leaves the bias as it was (upstream
+    updates it in every step, here from NaN quantiles: test_upstream_would_carry_nan_...).
+    Steps the grad scaler skips for other reasons (overflowing gradients of finite logits)
+    update it, as upstream's do. NaN on rank 0 only: both ranks skip, and agree."""
+    import workers
+
+    fp16 = dict(QB, fp16=True, params_dtype=torch.float16)
+    spec = dict(scope=scope, config=fp16, nan_step=2, nan_rank=0, steps=4, microbatches=2,
+                seq=8, bsz=2)
+    results = run_gloo(workers.nan_logits_run, 2, spec)
+    for result in results:
+        assert result["error"] is None and result["steps_done"] == 4
+        assert result["has_metrics"] == [True, True, False, True]
+        before, skipped, after = result["biases"][1:]
+        for layer_before, layer_skipped, layer_after in zip(before, skipped, after):
+            assert torch.equal(layer_skipped, layer_before)
+            assert not torch.equal(layer_after, layer_skipped)  # the next step updates again
+            assert torch.isfinite(layer_after).all()
+    for layer_0, layer_1 in zip(results[0]["biases"][-1], results[1]["biases"][-1]):
+        assert torch.equal(layer_0, layer_1)

@@ -439,6 +439,13 @@ def _train(model, optimizer, step_seeds, spec, fail_call=None, die_at_call=None)
             optimizer.step()
 
 
+def balancing_bias(router):
+    """The router's per-expert bias: the expert bias, or quantile balancing's (0.19+), or None."""
+    if router.expert_bias is not None:
+        return router.expert_bias
+    return compat.qb_bias(router) if getattr(router, "qb_beta", None) is not None else None
+
+
 def _fresh(spec: dict, init_seed: int = 0):
     """A GPT-MoE of spec["config"] with the plugin at spec["scope"] (and spec["settings"]), and
     its Adam optimizer."""
@@ -472,14 +479,14 @@ def resume_run(rank: int, world_size: int, spec: dict) -> dict:
     _train(model, optimizer, range(spec["first"]), spec)
     path = os.path.join(spec["ckpt_dir"], f"rank{rank}.pt")
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, path)
-    saved_bias = [r.expert_bias.clone() for r in harness.routers_of(model)]
+    saved_bias = [balancing_bias(r).clone() for r in harness.routers_of(model)]
     megatron_gbl.disable()
 
     model, optimizer = _fresh(spec, init_seed=1)  # other weights: only the checkpoint matters
     checkpoint = torch.load(path, weights_only=False)
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
-    loaded_bias = [r.expert_bias.clone() for r in harness.routers_of(model)]
+    loaded_bias = [balancing_bias(r).clone() for r in harness.routers_of(model)]
     _train(model, optimizer, range(spec["first"], spec["steps"]), spec)
     resumed = _tensors(model.state_dict())
     megatron_gbl.disable()
@@ -575,12 +582,12 @@ def nan_logits_run(rank: int, world_size: int, spec: dict) -> dict:
         try:
             _train(model, None, [seed], spec)
         except FloatingPointError as error:
-            bias = [r.expert_bias.clone() for r in routers] \
-                if config.moe_router_enable_expert_bias else None
+            bias = [balancing_bias(r).clone() for r in routers] \
+                if balancing_bias(routers[0]) is not None else None
             megatron_gbl.disable()
             return {"error": str(error), "steps_done": len(steps_done), "bias": bias}
         steps_done.append(seed)
-        biases.append([r.expert_bias.clone() for r in routers])
+        biases.append([balancing_bias(r).clone() for r in routers])
         has_metrics.append(megatron_gbl.step_metrics(model) is not None)
     megatron_gbl.disable()
     return {"error": None, "steps_done": len(steps_done), "biases": biases,
