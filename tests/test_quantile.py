@@ -109,6 +109,21 @@ def test_upstream_would_carry_nan_logits_into_every_replicas_bias():
     assert torch.isnan(qb_dual_update(scores_TE, TOPK, torch.zeros(EXPERTS))[1]).all()
 
 
+def test_enable_takes_over_upstreams_update_and_disable_gives_it_back():
+    import importlib
+
+    import megatron_gbl
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    finalize = importlib.import_module("megatron.core.distributed.finalize_model_grads")
+    originals = (TopKRouter.quantile_balancing, finalize._update_router_qb_beta)
+    with megatron_gbl.enabled("global"):
+        assert TopKRouter.quantile_balancing.__wrapped__ is originals[0]
+        assert finalize._update_router_qb_beta.__wrapped__ is originals[1]
+        assert finalize._update_router_qb_beta(None, None) is None  # off: the plugin's runs
+    assert (TopKRouter.quantile_balancing, finalize._update_router_qb_beta) == originals
+
+
 # ------------------------------------------------------------------ through Megatron's schedule
 
 def qb_run(steps, layout=None, config=None, **spec):
