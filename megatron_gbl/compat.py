@@ -451,10 +451,12 @@ def has_quantile_balancing() -> bool:
 
 
 def release() -> str:
-    """The installed megatron-core release, for messages only (decisions detect features)."""
+    """The imported megatron-core's release, for messages only (decisions detect features):
+    package_info.VERSION, without the git commit its __version__ adds when the package sits in
+    a git work tree."""
     from megatron.core import package_info
 
-    return package_info.__version__
+    return ".".join(map(str, package_info.VERSION[:3])) + "".join(package_info.VERSION[3:])
 
 
 def upstream_qb_update_switch() -> tuple[object, str, object]:
