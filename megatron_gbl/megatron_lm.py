@@ -45,7 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
              "data-parallel ranks), global (global batch: dp plus the gradient-accumulation "
              "buffer), shuffle (micro-batch-many tokens drawn from all ranks' micro-batches). "
              "With --moe-router-enable-expert-bias, micro/dp/global also set the load the "
-             "bias is updated from (per micro-batch, or once per step for global). "
+             "bias is updated from (per micro-batch, or once per step for global); with "
+             "--moe-router-load-balancing-type quantile_balancing (Megatron-Core 0.19+), the "
+             "tokens its bias's quantile is taken over. "
              "Unset: Megatron's own behaviour.")
     group.add_argument(
         "--moe-lbl-sync-group-size", type=int, default=None,

@@ -92,19 +92,3 @@ def test_doc_table_is_current():
                   if bad_input._cell(bad_input.python_api_message(case)) not in doc]
     assert not stale, f"docs/bad_input.md is stale for {stale}: python tests/bad_input.py > docs/bad_input.md"
 
-
-def test_quantile_balancing_on_a_release_without_it(monkeypatch):
-    """0.12-0.18 have no quantile balancing: the message names the installed release (here
-    simulated on releases that have it: compat decides by the feature, not the version)."""
-    from megatron_gbl import compat, megatron_lm
-
-    if compat.has_quantile_balancing():
-        monkeypatch.setattr(compat, "has_quantile_balancing", lambda: False)
-    with pytest.raises(ValueError) as error:
-        megatron_lm.configure(bad_input.megatron_lm_args(bad_input.QB))
-    message = str(error.value)
-    assert f"this is megatron-core {compat.release()}" in message, message
-    assert "needs Megatron-Core 0.19 or later" in message, message
-    import megatron_gbl
-
-    assert not megatron_gbl.is_enabled()
