@@ -147,10 +147,10 @@ def _routing(original, self, logits, *args, **kwargs):
 
 
 def _quantile_balancing(original, self, logits):
-    # Upstream's own in eval and in recompute's no-grad first pass: it routes without counting.
-    if steps.phase() is None or not (self.training and torch.is_grad_enabled()):
+    phase = steps.phase()
+    if phase is None or not self.training:  # eval: upstream's own, with the step's bias
         return original(self, logits)
-    return quantile.route(original, self, logits, steps.router_state(self))
+    return quantile.route(original, self, logits, phase.scope, steps.router_state(self))
 
 
 def _schedule(original, *args, **kwargs):

@@ -188,26 +188,31 @@ class StepHistograms:
         count.zero_()
 
 
-def route(original, router, logits_TE: torch.Tensor, state) -> tuple[torch.Tensor, torch.Tensor]:
-    """TopKRouter.quantile_balancing for a training call at the scope in force.
+def route(original, router, logits_TE: torch.Tensor, scope: str,
+          state) -> tuple[torch.Tensor, torch.Tensor]:
+    """TopKRouter.quantile_balancing for a training call at `scope`.
 
     micro: upstream's own (it gathers the logits over TP x CP for its quantile), its quantile
     moved to the step's sum. dp/global: the same routing without the gather (the top-K of
-    s - beta is per token), and this call's histogram of v. The dispatched load is kept for the
-    step metrics.
+    s - beta is per token) and, when gradients are on, this call's histogram of v (the no-grad
+    first pass of activation recompute routes without counting, as upstream's). A counted
+    call's dispatched load is kept for the step metrics.
     """
-    histograms = state.qb
-    if histograms.scope == "micro":
+    counting = torch.is_grad_enabled()
+    if scope == "micro":
         probs, routing_map = original(router, logits_TE)
-        histograms.take_upstream(router)
+        if counting:
+            state.qb.take_upstream(router)
     else:
         with torch.no_grad():
             scores_TE = logits_TE.detach().float()
             beta_E = compat.qb_bias(router)
             indices_TK, alpha_T1 = dual_route(scores_TE, beta_E, router.topk)
-            histograms.add(scores_TE - alpha_T1, beta_E)
+            if counting:
+                state.qb.add(scores_TE - alpha_T1, beta_E)
         probs, routing_map = compat.qb_routing(router, logits_TE, indices_TK)
-    state.load_counts.append(count_choices(routing_map, routing_map.shape[0]))
+    if counting:
+        state.load_counts.append(count_choices(routing_map, routing_map.shape[0]))
     return probs, routing_map
 
 
@@ -240,8 +245,9 @@ def note_call(router, state, settings, sync_group, logits_SBE: torch.Tensor,
     balance_group = compat.tp_cp_group(router) if settings.scope == "micro" else sync_group
     replicas = _size(balance_group) // tp_cp
     microbatches = state.calls if settings.scope == "global" else 1
-    tokens = torch.tensor(num_tokens * replicas * microbatches)
-    state.balance_tokens = lambda: tokens
+    tokens, device = num_tokens * replicas * microbatches, logits_SBE.device
+    # Made when read (once per step), where the step's other metrics are: no copy per call.
+    state.balance_tokens = lambda: torch.tensor(tokens, device=device)
     state.balance_sequences = logits_SBE.shape[1] * replicas * microbatches
 
 
