@@ -14,7 +14,7 @@ Everything is decided by feature detection, never by version strings:
 - per-token-loss aux-loss scale: upstream multiplies by this rank's tokens, and by the TP x CP
   size too from 0.19 (a fix); the plugin applies the fixed scale on every version;
 - mean-loss aux-loss scale: the schedules multiply it by the CP size from 0.16 (a fix, read
-  from their source); the plugin applies the fixed scale on every version;
+  off the scale they set); the plugin applies the fixed scale on every version;
 - MTP routers: 0.12-0.15 build every MTP layer's TransformerLayer with the default layer
   number 1, unmarked (steps.py refuses such a model: layer numbers collide); 0.16 numbers them
   after the decoder layers; 0.17+ mark them `is_mtp_layer` and number them from 1 again, and
@@ -28,12 +28,10 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
-import re
 from typing import Optional
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.pipeline_parallel import schedules
 from megatron.core.transformer.moe import moe_utils
 from megatron.core.transformer.moe.router import TopKRouter
 
@@ -49,6 +47,13 @@ SCHEDULE_FUNCTIONS = (
     "forward_backward_pipelining_without_interleaving",
     "forward_backward_pipelining_with_interleaving",
 )
+
+
+def megatron_core_release() -> str:
+    """The installed megatron-core's version, for messages."""
+    from megatron.core import package_info
+
+    return package_info.__version__
 
 
 def tracker_name(lbl_type: str) -> str:
@@ -252,8 +257,9 @@ def model_parallel_ready() -> bool:
 
 
 def log_to_tracker(router, name: str, value: torch.Tensor, *, avg_group,
-                   reduce_group=None) -> None:
-    """Add a router's per-layer value to Megatron's aux-loss tracker under `name`.
+                   reduce_group=None, layer: Optional[int] = None) -> None:
+    """Add a router's per-layer value to Megatron's aux-loss tracker under `name`, in the slot
+    of `layer` (default: the router's, `layer_index`).
 
     What Megatron-LM then reports is the value summed over the pipeline stages and over
     `reduce_group`, then averaged over `avg_group`, and nothing else (reports show the mean over
@@ -263,7 +269,8 @@ def log_to_tracker(router, name: str, value: torch.Tensor, *, avg_group,
     last: a no-op, because `avg_group` must contain every data-parallel and context-parallel
     rank of the stage, so after its average they all hold the same value.
     """
-    layer, num_layers = layer_index(router), tracker_num_layers(router.config)
+    layer = layer_index(router) if layer is None else layer
+    num_layers = tracker_num_layers(router.config)
     if moe_logging is not None:
         moe_logging.get_moe_metrics_tracker().record(
             name, value.detach(), layer, num_layers, reduce_group=reduce_group,
@@ -338,14 +345,15 @@ def tracker_num_layers(config) -> int:
     return config.num_layers + (getattr(config, "mtp_num_layers", None) or 0)
 
 
-def aux_loss_backward_scale(router, num_local_tokens):
+def aux_loss_backward_scale(router, num_local_tokens, num_microbatches: Optional[int]):
     """The factor an aux loss's gradient needs so that it is the gradient of the mean over the
     step's micro-batches after Megatron's gradient reduction; None for 1.
 
     That is the main loss's scale (1 / micro-batches, and the loss scaler's factor), times the CP
     size: Megatron's DDP averages gradients over DP x CP, where every CP rank holds part of the
     same micro-batch. The schedule has set that on MoEAuxLossAutoScaler since 0.16; before, it
-    left the CP size out and upstream's aux losses were CP times too weak at CP > 1.
+    left the CP size out and upstream's aux losses were CP times too weak at CP > 1
+    (`_schedules_scale_by_cp` reads which from the scale the schedule set).
 
     In per-token-loss mode Megatron divides every gradient by the global token count instead,
     which holds every token of the TP x CP group once; multiplying the aux loss back by this
@@ -358,21 +366,54 @@ def aux_loss_backward_scale(router, num_local_tokens):
     if router.config.calculate_per_token_loss:
         num_tokens = num_local_tokens * torch.distributed.get_world_size(tp_cp_group(router))
         return num_tokens if scale is None else scale * num_tokens
-    if _schedule_scales_aux_loss_by_cp():
-        return scale
     cp_size = parallel_state.get_context_parallel_world_size()
-    if cp_size > 1:
-        return cp_size if scale is None else scale * cp_size
-    return scale
+    if cp_size == 1 or _schedules_scale_by_cp(scale, router.config, num_microbatches, cp_size):
+        return scale
+    return cp_size if scale is None else scale * cp_size
 
 
-@functools.cache
-def _schedule_scales_aux_loss_by_cp() -> bool:
-    """Whether Megatron's schedules multiply the mean-loss aux-loss scale by the CP size (0.16+:
-    `set_loss_scale(loss_scale * cp_group_size / num_microbatches)`, in `forward_step` or, from
-    0.16, `forward_step_calc_loss`)."""
-    pattern = r"MoEAuxLossAutoScaler\.set_loss_scale\(\s*loss_scale\s*\*\s*cp"
-    return re.search(pattern, inspect.getsource(schedules)) is not None
+_SCHEDULES_SCALE_BY_CP: Optional[bool] = None  # read off the first scale at CP > 1
+
+
+def _schedules_scale_by_cp(scale, config, num_microbatches: Optional[int], cp_size: int) -> bool:
+    """Whether Megatron's schedules put the CP size into the mean-loss aux-loss scale, decided
+    from what they did: the scale they set on MoEAuxLossAutoScaler for this micro-batch is
+    loss_scale * cp / M from 0.16 (`forward_step_calc_loss`) and loss_scale / M before, with
+    loss_scale what they take from the grad scaler (`_main_loss_scale`). Once per process, at
+    the first backward at CP > 1 (a host sync). Raises when the scale says neither."""
+    global _SCHEDULES_SCALE_BY_CP
+    if _SCHEDULES_SCALE_BY_CP is not None:
+        return _SCHEDULES_SCALE_BY_CP
+    if scale is None or num_microbatches is None:
+        raise RuntimeError(
+            f"megatron_gbl: at context-parallel size {cp_size} the LBL's gradient scale follows "
+            "the loss scale Megatron's schedules set for each micro-batch "
+            "(MoEAuxLossAutoScaler), but " + ("none was set" if scale is None else
+                                              "the step's number of micro-batches is unknown")
+            + ": train through megatron.core.pipeline_parallel.get_forward_backward_func(), or "
+            "pass num_microbatches to megatron_gbl.step / start_step and set "
+            "MoEAuxLossAutoScaler.set_loss_scale(loss_scale / num_microbatches) as they do")
+    ratio = float(scale) * num_microbatches / _main_loss_scale(config)
+    for scales_by_cp, expected in ((True, cp_size), (False, 1)):
+        if abs(ratio - expected) <= 1e-6 * expected:
+            _SCHEDULES_SCALE_BY_CP = scales_by_cp
+            return scales_by_cp
+    raise RuntimeError(
+        f"megatron_gbl: Megatron's schedules (megatron-core {megatron_core_release()}) set an "
+        f"aux-loss scale of {float(scale):.6g} for {num_microbatches} micro-batches at "
+        f"context-parallel size {cp_size}: {ratio:.6g} times loss_scale / micro-batches, "
+        f"neither 1 (releases before 0.16) nor the CP size (0.16 on), so the plugin cannot tell "
+        "whether to add the CP factor; this release is not supported at CP > 1")
+
+
+def _main_loss_scale(config) -> float:
+    """The loss scaler's factor the schedules put in the aux-loss scale: 0.19's
+    moe_grad_scale_func, else grad_scale_func of a unit loss, else 1."""
+    if getattr(config, "moe_grad_scale_func", None) is not None:
+        return float(config.moe_grad_scale_func())
+    if config.grad_scale_func is not None:
+        return float(config.grad_scale_func(torch.ones(1)))
+    return 1.0
 
 
 # Per-layer CUDA-graph capture modules that leave every MoE router out of the graphs, by

@@ -82,6 +82,9 @@ class RouterState:
     device_groups: int = 1
     logit_sums: list = field(default_factory=list)  # fp32 []: NaN or inf if a logit was
     shuffle_generator: Optional[torch.Generator] = None
+    # Whether this step's calls are activation-recompute replays: they run in the backward,
+    # where autograd replays a repeated MTP layer's depths in reverse order.
+    replayed: bool = False
     qb: Optional[object] = None  # quantile balancing: this step's quantile.StepHistograms
 
     def __post_init__(self):
@@ -148,6 +151,8 @@ class RouterState:
         refuse one too many."""
         expected = None if self.expected_microbatches is None \
             else self.expected_microbatches * self.calls_per_microbatch
+        if self.calls == 0 and self.calls_per_microbatch > 1:
+            self.replayed = torch._C._current_graph_task_id() >= 0  # inside a backward
         if expected is not None and self.calls >= expected:
             per_microbatch = "" if self.calls_per_microbatch == 1 else \
                 f" ({self.calls_per_microbatch} calls each: a repeated MTP layer)"
@@ -236,7 +241,8 @@ def apply_scoped_lbl(
         if device_weights is not None:
             # Viewed [B, E] for "seq" (B*E sums): an expert's weight for every sequence's copy.
             weights_X = (weights_X.view(-1, num_experts) + device_weights()).view(-1)
-        scale = compat.aux_loss_backward_scale(router, num_local_tokens)
+        scale = compat.aux_loss_backward_scale(router, num_local_tokens,
+                                               state.expected_microbatches)
         if scale is None:
             return weights_X.to(probs_sum.dtype)
         # Scaled straight into the probabilities' dtype: one kernel for the product and the cast.
@@ -438,13 +444,20 @@ def draw_shuffled_counts(choices_NK: torch.Tensor, sample_size: torch.Tensor, nu
 
 def record_expert_load(router, state: RouterState, settings: Settings, sync_group,
                        routing_map_TE: torch.Tensor, padding_mask_SB: Optional[torch.Tensor],
-                       bsz: int) -> None:
-    """Count the dispatched routing map [T, E] of this call for the expert-bias update."""
+                       bsz: int, frozen: bool) -> None:
+    """Count the dispatched routing map [T, E] of this call for the expert-bias update and the
+    step's metrics. A `frozen` bias (0.19's frozen_expert_bias) is not updated: only its load
+    is kept, for the metrics, and it balanced over no tokens."""
     valid_T1, num_local_tokens = _valid_tokens(padding_mask_SB, routing_map_TE)
     if valid_T1 is not None:
         routing_map_TE = routing_map_TE & valid_T1
     local_counts = count_choices(routing_map_TE, num_local_tokens)
     state.load_counts.append(local_counts)
+    if frozen:
+        if state.balancing.lbl_type is None:
+            state.balance_tokens = lambda: local_counts.new_zeros(())
+            state.balance_sequences = 0
+        return
     balance_group, average_group = bias_groups(router, settings, sync_group)
     state.bias.record(local_counts, settings.scope, balance_group, average_group,
                       settings.blocking_sync, _what("expert-load sum", router))

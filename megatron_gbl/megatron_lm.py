@@ -33,6 +33,14 @@ from megatron_gbl.config import Settings, check_sync_group_size, router_balancin
 from megatron_gbl.scopes import SCOPES
 
 HISTOGRAM_TAG = "moe/tokens_per_expert_layer_{}"
+# The parameters of Megatron's MoE logging call that `_log_step` reads or extends.
+_LOGGED_PARAMETERS = ("loss_scale", "iteration", "writer", "wandb_writer", "track_names")
+
+# The Megatron-LM hooks' originals (patch.replace); apart from the plugin's own, so that
+# megatron_gbl.disable() leaves the flags and the logging in place.
+_HOOKS: dict = {}
+# (metric names, histogram interval, histogram shape) of install_logging; None: not installed.
+_LOGGING: Optional[tuple] = None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -142,23 +150,51 @@ def configure(args: argparse.Namespace) -> None:
         names += (metrics.DEVICE_LBL,)
     # From the arguments, not from this rank's routers: a pipeline stage without MoE layers
     # joins the same reductions with the same shapes.
-    histogram_shape = (compat.tracker_num_layers(args), args.num_experts)
-    owner, name = _logging_hook()
-    patch.replace(owner, name, lambda original: functools.wraps(original)(
-        lambda *a, **k: _log_step(original, names, args.moe_lbl_histogram_interval,
-                                  histogram_shape, *a, **k)))
+    install_logging(names, args.moe_lbl_histogram_interval,
+                    (compat.tracker_num_layers(args), args.num_experts))
 
 
 def install() -> None:
     """Wrap Megatron-LM's parser and validation so the flags exist and take effect."""
     arguments = importlib.import_module("megatron.training.arguments")
     patch.replace(arguments, "_add_moe_args", lambda original: functools.wraps(original)(
-        lambda parser: add_arguments(original(parser))))
+        lambda parser: add_arguments(original(parser))), _HOOKS)
     initialize = importlib.import_module("megatron.training.initialize")
     for owner in (initialize, arguments):
         if hasattr(owner, "validate_args"):
             patch.replace(owner, "validate_args", lambda original: functools.wraps(original)(
-                lambda args, *a, **k: _validate(original, args, *a, **k)))
+                lambda args, *a, **k: _validate(original, args, *a, **k)), _HOOKS)
+
+
+def install_logging(names: tuple, histogram_interval: int, histogram_shape: tuple) -> None:
+    """Report the plugin's step metrics `names` through Megatron's per-iteration MoE logging
+    (TensorBoard, W&B, the console), and every `histogram_interval` iterations the tokens per
+    expert of each layer; `histogram_shape` is (layers incl. MTP, experts) of the whole model.
+
+    Checked here, at start-up, rather than at the first logged iteration: the hook's
+    parameters must be the ones the plugin fills in. Calling it again replaces the settings.
+    """
+    global _LOGGING
+    owner, name = _logging_hook()
+    missing = [parameter for parameter in _LOGGED_PARAMETERS
+               if parameter not in inspect.signature(getattr(owner, name)).parameters]
+    if missing:
+        raise RuntimeError(
+            f"megatron_gbl: Megatron's MoE logging {owner.__name__}.{name} (megatron-core "
+            f"{compat.megatron_core_release()}) has no parameter {missing[0]!r}, so the plugin's "
+            "metrics cannot be logged with this release; run without --moe-lbl-scope, or use "
+            "a release the plugin supports (README, Versions)"
+        )
+    _LOGGING = (names, histogram_interval, histogram_shape)
+    patch.replace(owner, name, lambda original: functools.wraps(original)(
+        lambda *a, **k: _log_step(original, *a, **k)), _HOOKS)
+
+
+def uninstall() -> None:
+    """Remove every Megatron-LM hook (flags, validation, logging)."""
+    global _LOGGING
+    patch.restore(_HOOKS)
+    _LOGGING = None
 
 
 def _validate(original, args, *rest, **kwargs):
@@ -168,34 +204,39 @@ def _validate(original, args, *rest, **kwargs):
 
 
 def _logging_hook() -> tuple[object, str]:
+    """The per-iteration MoE logging call of Megatron-LM's training_log: Megatron-Core's
+    MoEMetricsTracker.report (0.18+), else megatron.training's track_moe_metrics."""
+    if compat.moe_logging is not None:
+        return compat.moe_logging.MoEMetricsTracker, "report"
     training = importlib.import_module("megatron.training.training")
-    if hasattr(training, "track_moe_metrics"):
-        return training, "track_moe_metrics"
-    moe_logging = importlib.import_module("megatron.core.transformer.moe.moe_logging")
-    return moe_logging.MoEMetricsTracker, "report"
+    return training, "track_moe_metrics"
 
 
-def _log_step(original, names: tuple, histogram_interval: int, histogram_shape: tuple,
-              *args, **kwargs):
-    """Megatron-LM's per-iteration MoE logging, with this step's plugin metrics added first.
+def _log_step(original, *args, **kwargs):
+    """Megatron-LM's per-iteration MoE logging, with this step's plugin metrics added first
+    (while the plugin is enabled).
 
     Every pipeline stage, with MoE layers or without, joins the same collectives in the same
     order: the histogram sum over the pipeline group, then Megatron's reduction of the same
     names.
     """
+    if _LOGGING is None or not patch.is_enabled():
+        return original(*args, **kwargs)
+    names, histogram_interval, histogram_shape = _LOGGING
     bound = inspect.signature(original).bind(*args, **kwargs)
     call = bound.arguments
-    routers = {compat.layer_index(router): router for router in steps.routers()}
-    step = metrics.step_metrics(list(routers.values()))  # collectives within this stage only
+    routers = steps.routers()
+    step = metrics.step_metrics(routers)  # collectives within this stage only
     if step is not None:
         # The tracker multiplies everything by loss_scale (1 / micro-batches): undo it for
         # values that are per step, not sums over micro-batches. Averaging over TP x DP x CP
         # gives the data-parallel mean of the micro-batch values and leaves the global ones.
+        row_routers = dict(metrics.rows(routers))
         for name, values_L in step.values.items():
             for layer, value in zip(step.layer_numbers, values_L):
-                router = routers[layer]
+                router = row_routers[layer]
                 compat.log_to_tracker(router, name, value.float() / call["loss_scale"],
-                                      avg_group=compat.tp_dp_cp_group(router))
+                                      avg_group=compat.tp_dp_cp_group(router), layer=layer)
     # From the configuration, not from this rank's metrics: the same names on every stage.
     if call.get("track_names") is not None:
         call["track_names"] = list(call["track_names"]) + list(names)

@@ -56,9 +56,12 @@ def names(has_lbl: bool, has_expert_bias: bool, has_quantile: bool = False) -> t
 
 @dataclass(frozen=True)
 class StepMetrics:
-    """One training step's statistics for the routers of this pipeline stage.
+    """One training step's statistics for the routers of this pipeline stage, one row per MoE
+    layer and per prediction depth of a repeated MTP layer (`rows`).
 
-    layer_numbers: compat.layer_index of each router (MTP layers after the decoder's).
+    layer_numbers: the tracker slot of each row (compat.layer_index; MTP layers after the
+        decoder's, a repeated MTP layer's depths one after the other, as separate MTP layers
+        would be).
     values: name (see `names`) -> float64 [L], in the order of `layer_numbers`.
     global_tokens_per_expert: int64 [L, E], expert load over the whole global batch.
     """
@@ -84,10 +87,19 @@ def lbl_value(stats_X: torch.Tensor, topk: int) -> torch.Tensor:
                                num_experts, coeff=1.0)
 
 
+def rows(routers: Sequence) -> list[tuple[int, object]]:
+    """(tracker slot, router) of every statistics row of `routers`: one per router, and one per
+    prediction depth of a repeated MTP layer (its calls of a micro-batch), in depth order."""
+    return [(compat.layer_index(router) + depth, router)
+            for router in routers for depth in range(router._megatron_gbl.calls_per_microbatch)]
+
+
 def step_metrics(routers: Sequence) -> Optional[StepMetrics]:
     """Reduce and compute this step's statistics; None when no router trained this step.
 
-    A collective: every rank of the pipeline stage calls it after the same step.
+    A collective: every rank of the pipeline stage calls it after the same step. Every router
+    of a model balances the same way (steps.check_model_routers), so the first one's LBL and
+    expert bias say what every row holds.
     """
     routers = [router for router in routers if router._megatron_gbl.calls]
     if not routers:
@@ -96,10 +108,11 @@ def step_metrics(routers: Sequence) -> Optional[StepMetrics]:
     has_lbl, has_bias = first.balancing.lbl_type is not None, first.bias is not None
     has_quantile = first.balancing.quantile_ema is not None
     has_load = has_bias or has_quantile  # the dispatched load is counted
+    statistics_rows = rows(routers)
     # float64 holds the integer counts exactly: one tensor, at most three sums for everything,
     # one collective each (fewer where groups hold the same ranks).
-    stats_LMX = torch.stack([_microbatch_stats(router._megatron_gbl, has_lbl, has_load)
-                             for router in routers])
+    stats_LMX = torch.cat([_microbatch_stats(router._megatron_gbl, has_lbl, has_load)
+                           for router in routers])
     num_experts = routers[0].config.num_moe_experts
     # The load: the trailing dispatched [c, T] (expert bias, quantile balancing), else the LBL
     # stats' leading c.
@@ -126,15 +139,16 @@ def step_metrics(routers: Sequence) -> Optional[StepMetrics]:
     values[MICRO_DEVICE_LOAD_VIOLATION] = load_violation(device_load_LMD).mean(dim=1)
     # Stacked where the counts live: no host round trip per layer, and a device tensor for
     # Megatron's tracker all-reduce on NCCL.
+    # A repeated MTP layer's depths see the same tokens: its rows share the router's values.
     values[BALANCE_BSZ] = torch.stack([router._megatron_gbl.balance_tokens().double()
-                                       for router in routers])
+                                       for _, router in statistics_rows])
     if has_bias:
         values[EXPERT_BIAS_STD] = torch.stack([router.expert_bias.detach().double().std()
-                                               for router in routers])
+                                               for _, router in statistics_rows])
     if has_quantile:
-        values.update(quantile.step_values(routers))
+        values.update(quantile.step_values([router for _, router in statistics_rows]))
     return StepMetrics(
-        layer_numbers=[compat.layer_index(router) for router in routers],
+        layer_numbers=[layer for layer, _ in statistics_rows],
         values=values,
         global_tokens_per_expert=global_load.round().long(),
     )
@@ -172,12 +186,16 @@ def log_lbl(routers: Sequence) -> None:
 
 
 def _microbatch_stats(state, has_lbl: bool, has_load: bool) -> torch.Tensor:
-    """[M, X] float64: the LBL stats [c, s, T] and/or the dispatched load [c, T] per micro-batch."""
+    """[R, M, X] float64: per prediction depth (R: calls per micro-batch) and micro-batch, the
+    LBL stats [c, s, T] and/or the dispatched load [c, T]. Calls come micro-batch by
+    micro-batch, each with its R depths in slot order (reversed: lbl.RouterState.replayed)."""
     parts = []
     if has_lbl:
-        counts_MX = torch.stack([counts for counts, _ in state.microbatch_stats]).double()
-        probs_sums_ME = torch.stack([probs_sum for _, probs_sum in state.microbatch_stats])
-        parts += [counts_MX[:, :-1], probs_sums_ME.double(), counts_MX[:, -1:]]
+        counts_CX = torch.stack([counts for counts, _ in state.microbatch_stats]).double()
+        probs_sums_CE = torch.stack([probs_sum for _, probs_sum in state.microbatch_stats])
+        parts += [counts_CX[:, :-1], probs_sums_CE.double(), counts_CX[:, -1:]]
     if has_load:
         parts.append(torch.stack(state.load_counts).double())
-    return torch.cat(parts, dim=-1)
+    stats_CX = torch.cat(parts, dim=-1)
+    stats_RMX = stats_CX.view(-1, state.calls_per_microbatch, stats_CX.shape[-1]).transpose(0, 1)
+    return stats_RMX.flip(0) if state.replayed else stats_RMX  # replays: depths reversed

@@ -85,13 +85,12 @@ def enable(scope: str, *, sync_group_size: Optional[int] = None, micro_coeff: fl
 
 
 def disable() -> None:
-    """Restore every patched Megatron symbol and drop all plugin state: upstream exactly."""
-    for (owner, name), (original, owned) in _ORIGINALS.items():
-        if owned:
-            setattr(owner, name, original)
-        else:
-            delattr(owner, name)  # it was inherited: inherit it again
-    _ORIGINALS.clear()
+    """Restore every patched Megatron-Core symbol and drop all plugin state: upstream exactly.
+
+    The Megatron-LM integration's hooks (flags, validation, logging) stay: they do nothing
+    while the plugin is off, and a later enable() logs again (megatron_lm.uninstall removes
+    them)."""
+    restore(_ORIGINALS)
     steps.deactivate()
 
 
@@ -141,8 +140,9 @@ def _routing(original, self, logits, *args, **kwargs):
     if state.balancing.lbl_type is not None:
         probs = apply_scoped_lbl(self, state, phase, sync_group, logits_TE, bsz, probs,
                                  padding_mask)
-    if state.bias is not None and not compat.expert_bias_frozen(self):
-        record_expert_load(self, state, phase, sync_group, routing_map, padding_mask, bsz)
+    if state.bias is not None:
+        record_expert_load(self, state, phase, sync_group, routing_map, padding_mask, bsz,
+                           frozen=compat.expert_bias_frozen(self))
     return probs, routing_map
 
 
@@ -180,13 +180,25 @@ def _install() -> None:
             lambda *a, **k: _schedule(original, *a, **k)))
 
 
-def replace(owner, name: str, make_replacement) -> None:
-    """Set owner.name = make_replacement(original) once; disable() puts the original back."""
-    if (owner, name) in _ORIGINALS:
+def replace(owner, name: str, make_replacement, originals: Optional[dict] = None) -> None:
+    """Set owner.name = make_replacement(original) once, keeping the original in `originals`
+    (default: the plugin's own, which disable() puts back; see `restore`)."""
+    originals = _ORIGINALS if originals is None else originals
+    if (owner, name) in originals:
         return
     original = getattr(owner, name)
     replacement = make_replacement(original)
     replacement.__wrapped__ = original
     owned = name in getattr(owner, "__dict__", {})
-    _ORIGINALS[(owner, name)] = (original, owned)
+    originals[(owner, name)] = (original, owned)
     setattr(owner, name, replacement)
+
+
+def restore(originals: dict) -> None:
+    """Put back every original `replace` kept in `originals`, newest first."""
+    for (owner, name), (original, owned) in reversed(originals.items()):
+        if owned:
+            setattr(owner, name, original)
+        else:
+            delattr(owner, name)  # it was inherited: inherit it again
+    originals.clear()

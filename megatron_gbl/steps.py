@@ -30,6 +30,9 @@ _ITERATION = 0  # of the current step, 0-based
 _NEXT_ITERATION = 0
 _ITERATION_SOURCE: Optional[Callable[[], Optional[int]]] = None  # the trainer's own counter
 _ROUTERS: "weakref.WeakSet[TopKRouter]" = weakref.WeakSet()
+# Model chunk -> its TopKRouters, in module order.
+_CHUNK_ROUTERS: "weakref.WeakKeyDictionary[torch.nn.Module, list[TopKRouter]]" = \
+    weakref.WeakKeyDictionary()
 # sync_group_size -> (TP x DP x CP groups of the ranks the blocks were cut from, this rank's
 # block group)
 _SYNC_BLOCK_GROUPS: dict[int, tuple[list, object]] = {}
@@ -50,6 +53,7 @@ def deactivate() -> None:
     for router in list(_ROUTERS):
         delattr(router, _STATE_ATTR)
     _ROUTERS.clear()
+    _CHUNK_ROUTERS.clear()
     for _, block_group in _SYNC_BLOCK_GROUPS.values():
         comm.destroy_group(block_group)
     _SYNC_BLOCK_GROUPS.clear()
@@ -258,7 +262,11 @@ def _routers_of(model: Model) -> list[TopKRouter]:
     """The TopKRouters of this rank's model chunks; none is fine on a pipeline stage of an MoE
     model (dense first layers, uneven stages, hybrid stacks), an error for a whole model."""
     chunks = [model] if isinstance(model, torch.nn.Module) else list(model)
-    routers = [m for chunk in chunks for m in chunk.modules() if isinstance(m, TopKRouter)]
+    routers = []
+    for chunk in chunks:
+        if chunk not in _CHUNK_ROUTERS:  # a module walk once per chunk, not per step
+            _CHUNK_ROUTERS[chunk] = [m for m in chunk.modules() if isinstance(m, TopKRouter)]
+        routers += _CHUNK_ROUTERS[chunk]
     if not routers and not _stage_of_moe_model(chunks):
         raise ValueError(
             "megatron_gbl is enabled but the model has no MoE layer (no TopKRouter): set "
@@ -267,6 +275,7 @@ def _routers_of(model: Model) -> list[TopKRouter]:
     _check_distinct_layers(routers)
     for router in routers:
         router_state(router)
+    _check_same_balancing(routers)
     return routers
 
 
@@ -294,6 +303,28 @@ def _check_distinct_layers(routers: list[TopKRouter]) -> None:
                 "(--mtp-num-layers) use a GPTModel on Megatron-Core >= 0.16, or leave 'E' out of "
                 "the MTP part of --hybrid-layer-pattern (after '/'), or drop --moe-lbl-scope"
             )
+
+
+def _check_same_balancing(routers: list[TopKRouter]) -> None:
+    """Refuse a model whose MoE layers balance in different ways: a step's statistics are
+    reduced for all layers at once (metrics.step_metrics), with one shape and one set of names."""
+    kinds = {}
+    for router in routers:
+        state = router._megatron_gbl
+        kind = (state.balancing.lbl_type is not None, state.bias is not None,
+                router.config.num_moe_experts)
+        kinds.setdefault(kind, compat.layer_index(router))
+    if len(kinds) > 1:
+        described = "; ".join(
+            f"MoE layer {layer}: {'an' if lbl else 'no'} LBL, {'' if bias else 'no '}expert-bias "
+            f"update, {experts} experts" for (lbl, bias, experts), layer in kinds.items())
+        raise ValueError(
+            f"megatron_gbl: the MoE layers of this model balance in different ways ({described}); "
+            "the plugin reduces every layer's statistics together, so give every MoE layer the "
+            "same moe_router_load_balancing_type / moe_aux_loss_coeff, "
+            "moe_router_enable_expert_bias / moe_router_bias_update_rate and num_moe_experts, "
+            "or call megatron_gbl.disable()"
+        )
 
 
 def router_state(router: TopKRouter) -> RouterState:

@@ -28,12 +28,12 @@ from megatron_gbl_lab import harness
 
 
 def installed_training_loop() -> bool:
-    """Whether the installed megatron-core wheel ships Megatron-LM's training loop, importable
-    (0.17 and 0.18 ship it too, but it imports pyyaml, which they do not depend on)."""
-    try:
-        importlib.import_module("megatron.training.training")
-    except ImportError:
+    """Whether the installed megatron-core wheel ships Megatron-LM's training loop (0.17 on).
+    Where it does, it must import: a broken import fails here, instead of turning the real-loop
+    tests into stand-in tests (0.17 and 0.18 need pyyaml, which the test extra installs)."""
+    if importlib.util.find_spec("megatron.training") is None:
         return False
+    importlib.import_module("megatron.training.training")
     return True
 
 
@@ -57,6 +57,16 @@ REAL_LOOP_ARGS = [
 ] if REAL_LOOP else []
 PRELOAD = ("megatron.training.training",) if REAL_LOOP else ()  # imported once, not per rank
 CPU_LAUNCH = Path(__file__).parent / "real_megatron_lm" / "cpu_launch.py"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("megatron.training") is None,
+                    reason="this megatron-core wheel ships no Megatron-LM training code")
+def test_a_broken_training_loop_import_fails_instead_of_falling_back(monkeypatch):
+    # An import that fails (here as if pyyaml were missing) must not turn the real-loop tests
+    # into stand-in tests.
+    monkeypatch.setitem(sys.modules, "megatron.training.training", None)
+    with pytest.raises(ImportError):
+        installed_training_loop()
 
 
 def parse(argv):

@@ -46,6 +46,12 @@ TWO_RANKS = {
     # token count in finalize_model_grads. grad_scale is the loss scaler's factor.
     "TP 2 + SP": layout(layout=dict(tp=2), loss="mean", grad_scale=8.0),
     "CP 2": layout(layout=dict(cp=2), loss="mean"),
+    # Whether the schedules' aux-loss scale holds the CP size is read off the scale they set:
+    # no source needed, and a scale of neither form stops the step with a message.
+    "CP 2, no source": ("cp_scale_read_off", dict(ROUTER_RUN, layout=dict(cp=2), loss="mean",
+                                                  grad_scale=2.0)),
+    "CP 2, unknown scale": ("cp_scale_read_off", dict(ROUTER_RUN, layout=dict(cp=2),
+                                                      loss="mean", scale_factor=3.0)),
     # Per-token loss at TP x CP > 1: the aux-loss scale includes the TP x CP size.
     "TP 2 + SP, per-token": layout(layout=dict(tp=2), loss="per_token"),
     "CP 2, per-token": layout(layout=dict(cp=2), loss="per_token", grad_scale=2.0),
@@ -187,6 +193,14 @@ def test_two_rank_layouts_match_reference(two_ranks, label):
         # divisor Megatron uses, so it keeps its weight against the language-model loss.
         factor = spec["layout"]["cp"]
     check_against_reference(label, two_ranks[label], spec, factor)
+
+
+def test_cp_scale_decided_from_the_schedules_behaviour(two_ranks):
+    spec = TWO_RANKS["CP 2, no source"][1]
+    check_against_reference("CP 2, no source", two_ranks["CP 2, no source"], spec)
+    for outcome in two_ranks["CP 2, unknown scale"]:
+        assert "context-parallel size 2" in outcome["error"], outcome
+        assert "neither 1" in outcome["error"] and "not supported" in outcome["error"]
 
 
 def per_token_count_includes_context_parallel() -> bool:
