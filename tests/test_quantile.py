@@ -128,6 +128,7 @@ def test_enable_takes_over_upstreams_update_and_disable_gives_it_back():
 
 def qb_run(steps, layout=None, config=None, **spec):
     run = dict(microbatches=2, seq=16, bsz=2, loss="mean", lm_loss=True, layout=layout or {},
+               metrics=True,
                config={**QB, "num_layers": 1, **(config or {})}, steps=steps)
     run.update(spec)
     return ("layout_steps", run)
@@ -135,7 +136,7 @@ def qb_run(steps, layout=None, config=None, **spec):
 
 # The issue's setting: 4 DP ranks x 2 micro-batches of 32 tokens (16 x 2), one MoE layer of 8
 # experts (top-2), each rank's tokens from its own quarter of the vocabulary, EMA 0.
-ISSUE = dict(domains=True, metrics=True)
+ISSUE = dict(domains=True)
 ISSUE_RUNS = {
     "upstream": qb_run([(None, {})] * 3, **ISSUE),
     "micro": qb_run([("micro", {})] * 3, **ISSUE),
@@ -373,6 +374,11 @@ def test_two_rank_layouts(two_rank_layouts, label):
         layers = holders(runs["global"], 0)
         assert sorted(layers) == [1, 2, 3]  # 2 decoder layers, the repeated MTP layer
         assert len(layers[3][0][1]["calls"]) == 2 * 2  # 2 micro-batches x 2 depths
+        # The step metrics give each depth of the repeated layer a row (one bias: one spread).
+        step = runs["global"][0][-1]["metrics"]
+        assert step.layer_numbers == [1, 2, 3, 4]
+        spread = step.values[quantile.QB_BIAS_STD]
+        assert float(spread[2]) == float(spread[3]) > 0
         for step in range(2):
             for layer, routers in holders(runs["global"], step).items():
                 other = holders(runs["global, no recompute"], step)[layer]
