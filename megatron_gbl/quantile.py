@@ -105,29 +105,31 @@ def histogram_quantile(counts_XEB: torch.Tensor, rank_X: torch.Tensor, lo_X: tor
     """The rank-th largest value (1-based) of each histogram, and whether it was clamped.
 
     Args:
-        counts_XEB: int64 [..., E, B + 2] histograms as `add_histograms` makes them.
-        rank_X: int64 [...], the rank to read (C + 1 of QB-2), at most the histogram's count.
+        counts_XEB: int64 [..., E, B + 2] histograms as `add_histograms` makes them, each of
+            the same total N.
+        rank_X: int64 [...], the rank to read (C + 1 of QB-2), at most N.
         lo_X, hi_X: [..., 1] the window.
     Returns:
-        (float64 [..., E], bool [..., E]). The value lies in the bin j where the count from the
-        top first reaches the rank: with c_above values above j and n_j in it, the estimate is
-        upper(j) - (rank - c_above - 1/2) / n_j * w, inside bin j, so within w of the exact
-        value when that lies in the window. In an overflow bin it is the window's edge and
-        flagged True.
+        (float64 [..., E], bool [..., E]). The rank-th largest is the (N + 1 - rank)-th
+        smallest; it lies in the bin j where the count from the bottom first reaches that
+        (a binary search of the cumulative counts). With c_below values below j and n_j in
+        it, the estimate is lower(j) + (N + 1 - rank - c_below - 1/2) / n_j * w, inside bin j,
+        so within w of the exact value when that lies in the window. In an overflow bin it is
+        the window's edge and flagged True.
     """
     bins = counts_XEB.shape[-1] - 2
     lo, hi = lo_X.double().unsqueeze(-1), hi_X.double().unsqueeze(-1)  # [..., 1, 1]
-    from_top = counts_XEB.flip(-1).cumsum(-1)  # [..., E, B + 2]: count in the top i + 1 bins
-    rank = rank_X[..., None, None]
-    top_index = (from_top < rank).sum(-1, keepdim=True).clamp_(max=bins + 1)  # first >= rank
-    in_bin = counts_XEB.flip(-1).gather(-1, top_index)
-    above = from_top.gather(-1, top_index) - in_bin
-    bin_index = (bins + 1 - top_index).double()  # 0: below lo, B + 1: at or above hi
+    cumulative = counts_XEB.cumsum(-1)  # [..., E, B + 2]: count in bins 0..j
+    from_bottom = cumulative[..., -1:] + 1 - rank_X[..., None, None]  # [..., E, 1]
+    bin_index = torch.searchsorted(cumulative, from_bottom).clamp_(max=bins + 1)
+    in_bin = counts_XEB.gather(-1, bin_index)
+    below = cumulative.gather(-1, bin_index) - in_bin
+    within = (from_bottom - below - 0.5).double() / in_bin.clamp(min=1).double()
     width = (hi - lo) / bins
-    within = (rank - above - 0.5).double() / in_bin.clamp(min=1).double()
-    estimate = lo + (bin_index - within) * width
-    estimate = torch.where(bin_index == 0, lo, torch.where(bin_index == bins + 1, hi, estimate))
+    bin_index = bin_index.double()  # 0: below lo, B + 1: at or above hi
+    estimate = lo + (bin_index - 1 + within) * width
     clamped = (bin_index == 0) | (bin_index == bins + 1)
+    estimate = torch.where(bin_index == 0, lo, torch.where(bin_index == bins + 1, hi, estimate))
     return estimate.squeeze(-1), clamped.squeeze(-1)
 
 

@@ -87,18 +87,18 @@ def test_a_quantile_outside_the_window_is_clamped_and_counted():
 
 
 def test_counts_stay_exact_beyond_float32_integers():
-    # 2^24 values in the top bin and 1 below it: the (2^24 + 1)-th largest is in bin B - 1. In
-    # float32 counts 2^24 + 1 rounds to 2^24 and the read lands a bin too high.
+    # 2^24 values in bin 1 and one each in bins 2 and 3: the 2nd largest is the one in bin 2.
+    # In float32 the (2^24 + 1)-th smallest rounds to another rank and the read to another bin.
     bins = 4
     counts = torch.zeros(1, 1, bins + 2, dtype=torch.int64)
-    counts[..., bins], counts[..., bins - 1] = 2 ** 24, 1
-    lo, hi, rank = torch.tensor([[0.0]]), torch.tensor([[4.0]]), torch.tensor([2 ** 24 + 1])
+    counts[..., 1], counts[..., 2], counts[..., 3] = 2 ** 24, 1, 1
+    lo, hi, rank = torch.tensor([[0.0]]), torch.tensor([[4.0]]), torch.tensor([2])
     exact_bin = quantile.histogram_quantile(counts, rank, lo, hi)[0]
-    assert 2.0 <= float(exact_bin) < 3.0  # bin B - 1 = [2, 3)
+    assert 1.0 <= float(exact_bin) < 2.0  # bin 2 = [1, 2)
     summed = counts + counts  # what the all-reduce adds: still exact
-    assert int(summed.sum()) == 2 * (2 ** 24 + 1)
+    assert int(summed.sum()) == 2 * (2 ** 24 + 2)
     float_bin = quantile.histogram_quantile(counts.float(), rank.float(), lo, hi)[0]
-    assert float(float_bin) >= 3.0
+    assert not 1.0 <= float(float_bin) < 2.0
 
 
 def test_upstream_would_carry_nan_logits_into_every_replicas_bias():
