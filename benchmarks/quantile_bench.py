@@ -143,8 +143,10 @@ def main(argv=None) -> None:
         base = samples["upstream"]
         ratios = {name: common.paired_ratio(samples[name], base)
                   for name in ("plugin micro", "plugin global")}
+        upstream_bytes, plugin_bytes = (layers * args.experts * 4,
+                                        layers * args.experts * (bins + 2) * 8)
         lines.append(
-            f"| L = {layers} | {layers * args.experts * 4:,} / {layers * args.experts * (bins + 2) * 8:,}"
+            f"| L = {layers} | {upstream_bytes:,} / {plugin_bytes:,}"
             f" | {common.ms(base):.3f} | "
             + " | ".join(f"{r['median']:.2f} [{r['lo']:.2f}, {r['hi']:.2f}]"
                          for r in ratios.values())

@@ -25,6 +25,7 @@ Everything is decided by feature detection, never by version strings:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import inspect
@@ -487,8 +488,23 @@ def grad_scaler_skips_non_finite(config) -> bool:
 
 
 def has_quantile_balancing() -> bool:
-    """Whether this Megatron-Core has quantile balancing (TopKRouter.quantile_balancing, 0.19+)."""
-    return hasattr(TopKRouter, "quantile_balancing")
+    """Whether this Megatron-Core has the quantile balancing the plugin rescopes: 0.19's
+    TopKRouter.quantile_balancing and finalize_model_grads' _update_router_qb_beta (also on
+    Megatron-LM main, 2026-08)."""
+    finalize_model_grads = importlib.import_module(
+        "megatron.core.distributed.finalize_model_grads")
+    return hasattr(TopKRouter, "quantile_balancing") \
+        and hasattr(finalize_model_grads, "_update_router_qb_beta")
+
+
+def has_own_global_quantile_balancing() -> bool:
+    """Whether this Megatron-Core estimates quantile balancing's bias on the global batch itself
+    (moe_router_quantile_balancing_estimation_scope: Megatron-LM PR #6637, on dev after
+    2026-08-21), in place of the hooks of `has_quantile_balancing`."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    return "moe_router_quantile_balancing_estimation_scope" in {
+        field.name for field in dataclasses.fields(TransformerConfig)}
 
 
 def release() -> str:

@@ -293,6 +293,12 @@ def _quantile_balancing(config, settings: Optional[Settings], pairs: list,
     constraints (its router asserts them, or the plugin's switched-off aux loss would hide
     them) with a message that names the flag."""
     name = "moe_router_load_balancing_type='quantile_balancing' (--moe-router-load-balancing-type)"
+    if not compat.has_quantile_balancing() and compat.has_own_global_quantile_balancing():
+        raise ValueError(
+            f"megatron_gbl: {name}: this megatron-core ({compat.release()}) takes the quantile "
+            "over the global batch itself (moe_router_quantile_balancing_estimation_scope / "
+            "--moe-router-quantile-balancing-estimation-scope) with hooks the plugin does not "
+            "rescope; use that option and drop --moe-lbl-scope / call megatron_gbl.disable()")
     if not compat.has_quantile_balancing():
         raise ValueError(
             f"megatron_gbl: {name} needs Megatron-Core 0.19 or later; this is megatron-core "
@@ -301,8 +307,9 @@ def _quantile_balancing(config, settings: Optional[Settings], pairs: list,
             "auxiliary-loss-free balancing (--moe-router-enable-expert-bias) at the scope")
     if len(pairs) > 1 or not isinstance(config.moe_router_load_balancing_type, str):
         raise ValueError(
-            f"megatron_gbl: moe_router_load_balancing_type={config.moe_router_load_balancing_type!r} "
-            "(--moe-router-load-balancing-type): Megatron-Core balances by quantiles only when "
+            "megatron_gbl: moe_router_load_balancing_type="
+            f"{config.moe_router_load_balancing_type!r} (--moe-router-load-balancing-type): "
+            "Megatron-Core balances by quantiles only when "
             "the type is the single string 'quantile_balancing', with no loss beside it; give "
             f"it alone; {_QB_FIX}")
     checks = (

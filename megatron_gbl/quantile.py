@@ -124,7 +124,7 @@ def histogram_quantile(counts_XEB: torch.Tensor, rank_X: torch.Tensor, lo_X: tor
     bin_index = torch.searchsorted(cumulative, from_bottom).clamp_(max=bins + 1)
     in_bin = counts_XEB.gather(-1, bin_index)
     below = cumulative.gather(-1, bin_index) - in_bin
-    within = (from_bottom - below - 0.5).double() / in_bin.clamp(min=1).double()
+    within = ((from_bottom - below).double() - 0.5) / in_bin.clamp(min=1).double()
     width = (hi - lo) / bins
     bin_index = bin_index.double()  # 0: below lo, B + 1: at or above hi
     estimate = lo + (bin_index - 1 + within) * width
@@ -169,8 +169,7 @@ class StepHistograms:
     def add(self, values_TE: torch.Tensor, beta_E: torch.Tensor) -> None:
         """Count this call's v = s - alpha [T, E]."""
         if self.window is None:  # beta is fixed until the step's end: so is the window
-            self.window = histogram_window(beta_E.detach().float().unsqueeze(0))
-            self.window = (self.window[0].view(1), self.window[1].view(1))
+            self.window = histogram_window(beta_E.detach().float())
         if self.scope == "dp" or not self.histograms:
             self.histograms.append(torch.zeros(values_TE.shape[1], BINS + 2, dtype=torch.int64,
                                                device=values_TE.device))
@@ -298,8 +297,8 @@ def _histogram_quantiles(routers: Sequence, balance_group, average_group) -> tor
         lo, hi = state.window
         num_tokens_M = counts_MEB[:, 0].sum(-1)
         rank_M = quantile_rank(num_tokens_M, router.topk, counts_MEB.shape[1])
-        quantile_ME, clamped_ME = histogram_quantile(counts_MEB, rank_M, lo.expand(len(rank_M), 1),
-                                                     hi.expand(len(rank_M), 1))
+        quantile_ME, clamped_ME = histogram_quantile(
+            counts_MEB, rank_M, lo.expand(len(rank_M), 1), hi.expand(len(rank_M), 1))
         state.clamped_values = counts_MEB[..., 0].sum() + counts_MEB[..., -1].sum()
         state.clamped_quantiles = clamped_ME.sum()
         quantiles.append(quantile_ME.mean(dim=0))

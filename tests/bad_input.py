@@ -218,7 +218,8 @@ QUANTILE_MEGATRON_LM = {
         dict(QB, moe_lbl_micro_coeff=1e-4), ["--moe-lbl-micro-coeff", "no LBL"]),
 }
 QUANTILE_PYTHON_API = {
-    "quantile balancing at shuffle": (dict(scope="shuffle"), QB, ["'shuffle'", "micro, dp, global"]),
+    "quantile balancing at shuffle": (dict(scope="shuffle"), QB,
+                                      ["'shuffle'", "micro, dp, global"]),
     "quantile balancing with device_coeff": (dict(scope="global", device_coeff=1e-3), QB,
                                              ["device_coeff", "no LBL"]),
     "quantile balancing as a one-element list": (

@@ -78,3 +78,17 @@ def test_quantile_balancing_on_a_release_without_it(monkeypatch):
     import megatron_gbl
 
     assert not megatron_gbl.is_enabled()
+
+
+def test_quantile_balancing_that_estimates_on_the_global_batch_itself(monkeypatch):
+    """Megatron-LM dev's quantile balancing (PR #6637: its own global-batch histogram, other
+    hooks than 0.19's) is not rescoped: the message names its option (simulated: the feature
+    is detected by the config field)."""
+    from megatron_gbl import compat, megatron_lm
+
+    monkeypatch.setattr(compat, "has_quantile_balancing", lambda: False)
+    monkeypatch.setattr(compat, "has_own_global_quantile_balancing", lambda: True)
+    with pytest.raises(ValueError) as error:
+        megatron_lm.configure(bad_input.megatron_lm_args(bad_input.QB))
+    assert "--moe-router-quantile-balancing-estimation-scope" in str(error.value)
+    assert "drop --moe-lbl-scope" in str(error.value)
