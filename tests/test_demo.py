@@ -31,9 +31,10 @@ BALANCE_SEQUENCES = {
     "global+device": GLOBAL_BATCH,
 }
 AUX_FREE_RUNS = ("auxfree-micro", "auxfree-dp:2", "auxfree-global", "auxfree-micro+matched")
-QUANTILE_RUNS = ("qb-micro", "qb-global")  # Megatron-Core 0.19+
+QUANTILE_RUNS = ("qb-micro", "qb-global", "qb-micro-then-qb-global@2")  # Megatron-Core 0.19+
 if compat.has_quantile_balancing():
-    BALANCE_SEQUENCES.update({"qb-micro": MICRO_BATCH_SIZE, "qb-global": GLOBAL_BATCH})
+    BALANCE_SEQUENCES.update({"qb-micro": MICRO_BATCH_SIZE, "qb-global": GLOBAL_BATCH,
+                              "qb-micro-then-qb-global@2": GLOBAL_BATCH})
 
 
 def test_demo_then_analyze(tmp_path, capsys):
@@ -72,6 +73,9 @@ def test_demo_then_analyze(tmp_path, capsys):
     for label in ("global+micro", "micro-then-global@2", "global+device"):
         assert runs[label]["heldout_loss"] != runs["global"]["heldout_loss"], label
     assert runs["global+device"]["method"] == "LBL + 100% device"
+    if "qb-micro" in runs:  # the switch arrived: after 2 qb-micro steps, one at global
+        assert runs["qb-micro-then-qb-global@2"]["heldout_loss"] != runs["qb-micro"]["heldout_loss"]
+        assert runs["qb-global"]["method"] == "quantile"
     lbl_curves = {"micro_lbl", "global_lbl"}
     for label, run in runs.items():
         curves = run["train_curves"]
