@@ -355,6 +355,15 @@ def replica_blocks(per_rank, layer, step=0):
 
 def check_layout(runs: dict, label: str) -> None:
     assert_micro_is_upstream(runs["upstream"], runs["micro"], label)
+    # Every token once: the ranks' logits are distinct tokens (TP, CP shards, replicas), and
+    # the quantile's token set is the global batch, seq x bsz x replicas x micro-batches.
+    glob = runs["global"]
+    layer, routers = next(iter(holders(glob, 0).items()))
+    calls = [call for _, router in routers for call, _ in router["calls"]]
+    assert all(not torch.equal(a, b) for i, a in enumerate(calls) for b in calls[i + 1:])
+    replicas = len({results[0]["replica"] for results in glob})
+    balance = glob[routers[0][0]][0]["metrics"].values[metrics.BALANCE_BSZ][0]
+    assert float(balance) == 16 * 2 * replicas * 2, label
     for run, per_rank in runs.items():
         if run in ("upstream", "micro"):
             continue
