@@ -47,8 +47,8 @@ class ExpertBiasUpdater:
     micro/dp: `record` issues the micro-batch's count sum over the balance group; the update
     is applied by `apply_pending`, before the router's next routing (the next micro-batch) or at
     the end of the step, so the sum overlaps the rest of the micro-batch.
-    global: `record` adds the micro-batch's local counts to the step's; `step_update` of all
-    routers of the stage runs once per step.
+    global: `record` adds the micro-batch's local counts to the step's; `apply_step_update` of
+    all routers of the stage runs once per step.
     """
 
     def __init__(self, rate: float) -> None:
@@ -102,19 +102,22 @@ class ExpertBiasUpdater:
         apply_update(expert_bias, *_average_signs(sign_E, average_group), self.rate)
 
 
-def step_update(expert_biases: Sequence[torch.Tensor], updaters: Sequence[ExpertBiasUpdater],
-                balance_group, average_group) -> None:
-    """Global scope: one update of every router of the stage from the step's counts.
+def step_counts(updaters: Sequence[ExpertBiasUpdater]) -> Optional[torch.Tensor]:
+    """Global scope: the step's local counts of every counting router of the stage, stacked
+    [L, E+1] (int64) for one all-reduce over the balance group; None when none counted (frozen
+    biases). `apply_step_update` takes the sum."""
+    counted = [updater.step_counts for updater in updaters if updater.step_counts is not None]
+    return torch.stack(counted) if counted else None
 
-    One all-reduce of the stacked [L, E+1] counts over the balance group, one over
-    `average_group` when the balance group is a block of it.
-    """
+
+def apply_step_update(expert_biases: Sequence[torch.Tensor],
+                      updaters: Sequence[ExpertBiasUpdater], counts_LX: torch.Tensor,
+                      average_group) -> None:
+    """Global scope: one update of every counting router of the stage from the step's counts
+    [L, E+1] summed over the balance group (`step_counts`); one all-reduce of the signs over
+    `average_group` when the balance group is a block of it."""
     counted = [(bias, updater) for bias, updater in zip(expert_biases, updaters)
                if updater.step_counts is not None]
-    if not counted:
-        return
-    counts_LX = comm.all_reduce_sum(torch.stack([updater.step_counts for _, updater in counted]),
-                                    balance_group, "the step's expert-load sum")
     sign_sum_LE, num_groups = _average_signs(load_error_sign(counts_LX[:, :-1]), average_group)
     for (bias, updater), sign_sum_E, counts_X in zip(counted, sign_sum_LE, counts_LX):
         apply_update(bias, sign_sum_E, num_groups, updater.rate)

@@ -45,6 +45,19 @@ def all_reduce_sums(pairs: Sequence[tuple[torch.Tensor, object]],
     return results
 
 
+def world_group():
+    """Every rank of the job (Megatron trains one model over all of them); None without
+    torch.distributed."""
+    return dist.group.WORLD if dist.is_initialized() else None
+
+
+def collective_device() -> torch.device:
+    """Where a tensor for a collective over the default backend lives: the current CUDA device
+    (NCCL), else the CPU (gloo)."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+
+
 def spans_ranks(group) -> bool:
     return group is not None and dist.get_world_size(group) > 1
 
@@ -89,12 +102,22 @@ class _Pending:
         try:
             yield
         except RuntimeError as error:  # torch.distributed's errors derive from it
+            if not peer_failure(error):
+                raise  # a programming error (a bad dtype, ...) keeps its own message
             raise CollectiveError(
                 f"megatron_gbl: {self._what} failed: {error}. A rank of its process group "
                 "stopped or missed the process group's timeout (init_process_group(timeout=...), "
                 "Megatron-LM's --distributed-timeout-minutes); this rank stops instead of "
                 "hanging. Look for the first rank that failed."
             ) from error
+
+
+def peer_failure(error: RuntimeError) -> bool:
+    """Whether a collective's error is the backend's report that a peer failed or the group's
+    timeout ran out: torch.distributed's DistError family (NCCL's watchdog, the store), or
+    gloo's transport errors, plain RuntimeErrors raised in its tcp transport ("Connection reset
+    by peer", "Timed out waiting ... for recv")."""
+    return isinstance(error, dist.DistError) or "gloo/transport" in str(error)
 
 
 class CollectiveError(RuntimeError):

@@ -51,10 +51,11 @@ SCHEDULE_FUNCTIONS = (
 
 
 def megatron_core_release() -> str:
-    """The installed megatron-core's version, for messages."""
+    """The installed megatron-core's version, for messages (its __version__ can carry the local
+    git commit of the working directory)."""
     from megatron.core import package_info
 
-    return package_info.__version__
+    return f"{package_info.MAJOR}.{package_info.MINOR}.{package_info.PATCH}"
 
 
 def tracker_name(lbl_type: str) -> str:
@@ -126,11 +127,18 @@ def token_group(moe_layer):
     The group is `tp_ep` of the layer's process-group collection from 0.13 (attribute set in
     MoETokenDispatcher.__init__; `model_comm_pgs` in 0.13-0.14, `pg_collection` from 0.15),
     and a property returning parallel_state's group in 0.12; a router has no reference to it,
-    hence the layer. Without a layer: parallel_state's group, the default on every version.
+    hence the layer. A router outside an MoELayer (None) has no dispatcher: parallel_state's
+    group, the default every release's dispatcher takes.
     """
+    if moe_layer is None:
+        return parallel_state.get_expert_tensor_and_model_parallel_group()
     group = getattr(getattr(moe_layer, "token_dispatcher", None), "tp_ep_group", None)
     if group is None:
-        group = parallel_state.get_expert_tensor_and_model_parallel_group()
+        raise RuntimeError(
+            f"megatron_gbl: the token dispatcher of this {type(moe_layer).__name__} has no "
+            "'tp_ep_group', which every Megatron-Core release from 0.12 on gives it (installed: "
+            f"{megatron_core_release()}): renamed or removed, so the plugin cannot tell which "
+            "ranks one all-to-all exchanges; this release is not supported yet")
     return group
 
 
@@ -198,15 +206,53 @@ def padding_mask_from_call(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
     return args[0] if args else None
 
 
+# The first release whose TopKRouter sets each optional attribute the plugin reads in its
+# __init__ (checked in the wheels 0.12.3-0.19.2). Before it, the plugin falls back to the
+# default `_router_attribute` is given; from it on, a router without the attribute means it
+# was renamed or removed, and the plugin stops instead of falling back.
+ROUTER_ATTRIBUTE_SINCE = {
+    "tp_cp_group": (0, 14),      # else parallel_state's tensor x context parallel group
+    "tp_dp_cp_group": (0, 15),   # else parallel_state's tensor x data x context group
+    "is_mtp_layer": (0, 17),     # else False (MTP layers are numbered after the decoder's)
+    "frozen_expert_bias": (0, 19),  # else False (no frozen bias)
+}
+
+
+def release() -> tuple[int, int]:
+    """(major, minor) of the installed megatron-core."""
+    from megatron.core import package_info
+
+    return package_info.MAJOR, package_info.MINOR
+
+
+_ROUTER_ATTRIBUTE_REQUIRED = {name: release() >= since
+                              for name, since in ROUTER_ATTRIBUTE_SINCE.items()}
+
+
 def _router_attribute(router, name: str, default):
-    """`router.<name>` as the releases that have it set it in `__init__`, else `default`.
+    """`router.<name>` as the releases that have it set it in `__init__`; `default` on the
+    releases before (ROUTER_ATTRIBUTE_SINCE); an error on a release that should have it.
 
     Read from the instance dict because the routers of the releases without it take this path
     in every call, and there getattr's default costs an AttributeError raised in
     nn.Module.__getattr__ (benchmarks/RESULTS.md, "Host work re-counted on the newest code").
     Only for plain attributes: parameters and buffers live elsewhere.
     """
-    return vars(router).get(name, default)
+    value = vars(router).get(name, _MISSING)
+    if value is not _MISSING:
+        return value
+    if _ROUTER_ATTRIBUTE_REQUIRED[name]:
+        since = ".".join(map(str, ROUTER_ATTRIBUTE_SINCE[name]))
+        raise RuntimeError(
+            f"megatron_gbl: this {type(router).__name__} has no attribute {name!r}, which "
+            f"Megatron-Core's TopKRouter sets from {since} on (installed: "
+            f"{megatron_core_release()}): renamed or removed in this release, so the plugin "
+            "cannot tell which process group or setting it stands for; this release is not "
+            "supported yet")
+    return default
+
+
+_MISSING = object()
 
 
 def aux_scores_and_map(
@@ -233,7 +279,7 @@ def aux_scores_and_map(
 def tp_cp_group(router):
     """Tensor x context parallel group of this router (the micro-batch balance group)."""
     group = _router_attribute(router, "tp_cp_group", None)
-    return group if group is not None else parallel_state.get_tensor_and_context_parallel_group()
+    return group if group is not None else default_tp_cp_group()
 
 
 def tp_dp_cp_group(router):
@@ -470,6 +516,16 @@ def _cuda_graph_module_names(modules) -> list[str]:
 
 def default_tp_cp_group():
     return parallel_state.get_tensor_and_context_parallel_group()
+
+
+def optimizer_skip_hook() -> tuple[object, str]:
+    """(owner, name) of the call whose result is Megatron's optimizer's decision to skip a
+    step: MixedPrecisionOptimizer.prepare_grads returns whether its grad scaler found inf or NaN
+    in the gradients, agreed over the model-parallel group (0.12-0.19; the only optimizers that
+    skip, ChainedOptimizer asks each of its own, the distributed optimizer inherits it)."""
+    from megatron.core.optimizer.optimizer import MixedPrecisionOptimizer
+
+    return MixedPrecisionOptimizer, "prepare_grads"
 
 
 def grad_scaler_skips_non_finite(config) -> bool:

@@ -147,23 +147,18 @@ class RouterState:
         return not self.logit_sums or bool(torch.isfinite(torch.stack(self.logit_sums)).all())
 
     def count_call(self) -> None:
-        """One more training call (micro-batch, or depth of a repeated MTP layer) of this step;
-        refuse one too many."""
-        expected = None if self.expected_microbatches is None \
-            else self.expected_microbatches * self.calls_per_microbatch
+        """One more training call (micro-batch, or depth of a repeated MTP layer) of this step.
+        One too many is not refused here but agreed on by every rank at the step's end
+        (`miscounted`, steps.finish_step), so no rank stops alone mid-step."""
         if self.calls == 0 and self.calls_per_microbatch > 1:
             self.replayed = torch._C._current_graph_task_id() >= 0  # inside a backward
-        if expected is not None and self.calls >= expected:
-            per_microbatch = "" if self.calls_per_microbatch == 1 else \
-                f" ({self.calls_per_microbatch} calls each: a repeated MTP layer)"
-            raise RuntimeError(
-                f"megatron_gbl: a router ran {self.calls + 1} training forwards in a step of "
-                f"{self.expected_microbatches} micro-batches{per_microbatch}, so a micro-batch "
-                "would be counted twice. Non-reentrant activation checkpointing re-runs the "
-                "router with gradients on; use Megatron's recompute (--recompute-granularity / "
-                "--recompute-modules), which replays it once"
-            )
         self.calls += 1
+
+    def miscounted(self) -> bool:
+        """The router ran in this step, but not once per micro-batch (when their number is
+        known). A router that did not run at all is no fault: a layer may sit a step out."""
+        return self.expected_microbatches is not None and self.calls > 0 \
+            and self.calls != self.expected_microbatches * self.calls_per_microbatch
 
     @property
     def balance_bsz(self) -> Optional[BalanceBSZ]:

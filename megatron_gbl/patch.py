@@ -11,7 +11,9 @@ Patched, each with its original kept in `_ORIGINALS`:
 - 0.12-0.13 only: `TopKRouter._load_from_state_dict`, so a loaded expert bias stays fp32;
 - the three `forward_backward_*` schedules: start a step (reset the buffers) before running,
   finish it (apply the expert-bias updates) after. `get_forward_backward_func()` looks them up
-  at call time, so it returns the wrapped ones.
+  at call time, so it returns the wrapped ones;
+- `MixedPrecisionOptimizer.prepare_grads`: when the grad scaler skips a step, its expert-bias
+  updates are undone.
 """
 
 from __future__ import annotations
@@ -178,6 +180,16 @@ def _install() -> None:
     for name in compat.SCHEDULE_FUNCTIONS:
         replace(schedules, name, lambda original: functools.wraps(original)(
             lambda *a, **k: _schedule(original, *a, **k)))
+    owner, name = compat.optimizer_skip_hook()
+    replace(owner, name, lambda original: functools.wraps(original)(
+        lambda self, *a, **k: _prepare_grads(original, self, *a, **k)))
+
+
+def _prepare_grads(original, optimizer, *args, **kwargs):
+    found_inf = original(optimizer, *args, **kwargs)
+    if found_inf and steps.settings() is not None:
+        steps.undo_skipped_step()  # the optimizer skips the step: so does the expert bias
+    return found_inf
 
 
 def replace(owner, name: str, make_replacement, originals: Optional[dict] = None) -> None:

@@ -162,6 +162,7 @@ class StepHistograms:
     upstream_count: Optional[torch.Tensor] = None  # int64 []
     window: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (lo, hi) fp32 [1]
     histograms: list = field(default_factory=list)
+    bias_before: Optional[torch.Tensor] = None  # the bias the step's update replaced
     # After the step's update: per-layer metrics (metrics.step_metrics reads them).
     clamped_values: Optional[torch.Tensor] = None  # int64 []
     clamped_quantiles: Optional[torch.Tensor] = None  # int64 []
@@ -278,11 +279,25 @@ def step_update(routers: Sequence, settings, sync_group) -> None:
         quantile_LE = _histogram_quantiles(routers, *bias_groups(routers[0], settings,
                                                                  sync_group)).float()
     beta_list = [compat.qb_bias(router) for router in routers]
-    new_beta_LE = updated_bias(torch.stack(beta_list), quantile_LE,
+    beta_LE = torch.stack(beta_list)
+    new_beta_LE = updated_bias(beta_LE, quantile_LE,
                                routers[0]._megatron_gbl.balancing.quantile_ema)
     with torch.no_grad():
-        for beta_E, new_beta_E in zip(beta_list, new_beta_LE):
+        for router, beta_E, old_beta_E, new_beta_E in zip(routers, beta_list, beta_LE,
+                                                          new_beta_LE):
+            router._megatron_gbl.qb.bias_before = old_beta_E
             beta_E.copy_(new_beta_E)
+
+
+def undo_step(router) -> None:
+    """Put back the bias this step's update replaced: the optimizer skipped the step (fp16's
+    grad scaler found inf or NaN, steps.undo_skipped_step), and so does the bias. Upstream
+    updates it in every step."""
+    histograms = router._megatron_gbl.qb
+    if histograms.bias_before is not None:
+        with torch.no_grad():
+            compat.qb_bias(router).copy_(histograms.bias_before)
+        histograms.bias_before = None
 
 
 def _histogram_quantiles(routers: Sequence, balance_group, average_group) -> torch.Tensor:

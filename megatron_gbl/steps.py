@@ -28,6 +28,7 @@ _SETTINGS: Optional[Settings] = None  # as enabled, with the scope switch
 _PHASE: Optional[Settings] = None  # in force for the current step
 _ITERATION = 0  # of the current step, 0-based
 _NEXT_ITERATION = 0
+_FINISHED: list = []  # the routers of the last finished step, until the optimizer's decision
 _ITERATION_SOURCE: Optional[Callable[[], Optional[int]]] = None  # the trainer's own counter
 _ROUTERS: "weakref.WeakSet[TopKRouter]" = weakref.WeakSet()
 # Model chunk -> its TopKRouters, in module order.
@@ -49,7 +50,7 @@ def activate(settings: Settings) -> None:
 
 def deactivate() -> None:
     """Forget the settings, every router's state and the balance-block groups (patch.disable)."""
-    global _SETTINGS, _PHASE, _ITERATION, _NEXT_ITERATION, _ITERATION_SOURCE
+    global _SETTINGS, _PHASE, _ITERATION, _NEXT_ITERATION, _ITERATION_SOURCE, _FINISHED
     for router in list(_ROUTERS):
         delattr(router, _STATE_ATTR)
     _ROUTERS.clear()
@@ -59,6 +60,7 @@ def deactivate() -> None:
     _SYNC_BLOCK_GROUPS.clear()
     _SETTINGS = _PHASE = _ITERATION_SOURCE = None
     _ITERATION = _NEXT_ITERATION = 0
+    _FINISHED = []
 
 
 def settings() -> Optional[Settings]:
@@ -116,36 +118,61 @@ def start_step(model: Model, num_microbatches: Optional[int] = None,
 
 
 def finish_step(model: Model) -> None:
-    """End an optimizer step after its last backward: log the LBL, apply the expert-bias updates.
+    """End an optimizer step after its last backward: check it, log the LBL, apply the
+    expert-bias updates.
 
-    Megatron-Core's schedules call this themselves; custom loops call it on every rank (a
-    collective with expert bias at global scope, and with fp16), before the optimizer step, or
-    use `step`. Router logits with NaN or inf stop the run, except with fp16 (see
-    `_logits_finite`), where the step is skipped.
+    Megatron-Core's schedules call this themselves; custom loops call it on every rank, before
+    the optimizer step, or use `step`. A collective over all ranks (pipeline stages without MoE
+    layers included): the step's faults are agreed on (`_step_faults`), so a fault on one rank
+    stops every rank with the same error instead of leaving its peers waiting in the next
+    collective; with expert bias at global scope the step's counts ride in the same all-reduce
+    where their balance group holds the same ranks. A step the optimizer then skips (fp16
+    overflow) has its expert-bias updates undone (`undo_skipped_step`).
     """
+    global _FINISHED
     _require_enabled("finish_step")
     routers = _routers_of(model)
     in_step = [router for router in routers if router._megatron_gbl.in_step]
-    try:
-        finite = _logits_finite(routers, in_step)
-    except FloatingPointError:
-        discard_step(model)
-        raise
-    if not finite:
-        discard_step(model)
-        return
-    metrics.log_lbl(in_step)
-    routers = [router for router in in_step if router._megatron_gbl.bias is not None]
-    for router in routers:
+    biased = [router for router in in_step if router._megatron_gbl.bias is not None]
+    for router in biased:
         router._megatron_gbl.bias.apply_pending(router.expert_bias)
-    if routers and _PHASE.scope == "global":
-        bias.step_update([router.expert_bias for router in routers],
-                         [router._megatron_gbl.bias for router in routers],
-                         *bias_groups(routers[0], _PHASE, sync_group(routers[0], _PHASE)))
+    sums = [(_step_faults(in_step), comm.world_group())]
+    if biased and _PHASE.scope == "global":
+        step_counts = bias.step_counts([router._megatron_gbl.bias for router in biased])
+        balance_group, average_group = bias_groups(biased[0], _PHASE,
+                                                   sync_group(biased[0], _PHASE))
+        if step_counts is not None:
+            sums.append((step_counts, balance_group))
+    faults_F, *counts = comm.all_reduce_sums(sums, "the step's fault check")
+    faults = faults_F.tolist()  # the step's one host sync
+    if any(faults):
+        error = _fault_error(faults, in_step)  # names what this rank saw, before it is dropped
+        discard_step(model)
+        raise error
+    if counts:
+        bias.apply_step_update([router.expert_bias for router in biased],
+                               [router._megatron_gbl.bias for router in biased], counts[0],
+                               average_group)
     if in_step and in_step[0]._megatron_gbl.balancing.quantile_ema is not None:
         quantile.step_update(in_step, _PHASE, sync_group(in_step[0], _PHASE))
+    metrics.log_lbl(in_step)
     for router in in_step:
         router._megatron_gbl.close_step()
+    _FINISHED = in_step
+
+
+def undo_skipped_step() -> None:
+    """The optimizer skipped the step finish_step ended (Megatron's grad scaler found inf or
+    NaN in its gradients, compat.optimizer_skip_hook): put every expert bias (and quantile
+    balancing's bias) back where it was before that step, as the optimizer leaves the weights.
+    Its statistics stay logged, as upstream's losses of a skipped step are."""
+    global _FINISHED
+    for router in _FINISHED:
+        if router._megatron_gbl.bias is not None:
+            router._megatron_gbl.bias.restore_step_start(router.expert_bias)
+        if router._megatron_gbl.qb is not None:
+            quantile.undo_step(router)
+    _FINISHED = []
 
 
 def discard_step(model: Model) -> None:
@@ -197,42 +224,67 @@ def balance_bsz(model: Model) -> dict[int, BalanceBSZ]:
     return {layer: size for layer, size in sizes.items() if size is not None}
 
 
-def _logits_finite(routers: list[TopKRouter], in_step: list[TopKRouter]) -> bool:
-    """Whether every router logit of the step was finite; raises FloatingPointError when not,
-    except with fp16.
+# The faults finish_step agrees on: a count of ranks per fault, summed over all ranks.
+_NON_FINITE, _NOT_ROUTED, _MISCOUNTED = range(3)
 
-    With fp16, Megatron's optimizer has a grad scaler, which skips a step whose gradients hold
-    inf or NaN (as such logits make them) and lowers the loss scale: the plugin skips the step
-    too (False). Every rank of the stage skips it, so the flag is summed over TP x DP x CP:
-    one small all-reduce per step, and the step's one host sync.
-    """
+
+def _step_faults(in_step: list[TopKRouter]) -> torch.Tensor:
+    """int64 [3]: whether this rank saw, in this step, router logits with NaN or inf (not a
+    fault with fp16: Megatron's grad scaler skips such a step, and the plugin follows the
+    optimizer, `undo_skipped_step`); a router that trained without a call of
+    TopKRouter.routing; a router that ran, but not once per micro-batch."""
     logit_sums = [total for router in in_step for total in router._megatron_gbl.logit_sums]
-    if routers and compat.grad_scaler_skips_non_finite(routers[0].config):
-        local = torch.zeros((), dtype=torch.int64) if not logit_sums else \
-            (~torch.isfinite(torch.stack(logit_sums))).sum()
-        if not int(comm.all_reduce_sum(local, compat.tp_dp_cp_group(routers[0]),
-                                       "the non-finite router logit count")):
-            return True
-        logger.warning(
-            "megatron_gbl: router logits with NaN or inf at training iteration %d (0-based), "
-            "MoE layer(s) %s on this rank: with fp16 Megatron's grad scaler skips the step, so "
-            "the plugin skips it too (nothing counted, the expert bias unchanged)", _ITERATION,
-            _non_finite_layers(in_step) if int(local) else "none")
-        return False
-    # One sum of every layer's logit sums: NaN or inf if any is (the step's one host sync).
-    if not logit_sums or bool(torch.isfinite(torch.stack(logit_sums).sum())):
-        return True
-    # Only after a failure: which layers (none if finite sums merely overflowed the total).
-    layers = _non_finite_layers(in_step)
-    if layers:
-        raise FloatingPointError(
-            f"megatron_gbl: router logits with NaN or inf in MoE layer(s) {layers} at training "
-            f"iteration {_ITERATION} (0-based; Megatron-LM logs it as iteration "
-            f"{_ITERATION + 1}). The router's input already held them: check this step's data "
-            "and the learning rate, or set --check-for-nan-in-loss-and-grad; "
-            "the step is discarded, the expert bias is not updated."
-        )
-    return True
+    faults_F = torch.zeros(3, dtype=torch.int64, device=comm.collective_device())
+    if logit_sums and not compat.grad_scaler_skips_non_finite(in_step[0].config):
+        # One sum of every layer's logit sums: NaN or inf if any is.
+        faults_F[_NON_FINITE] = torch.isfinite(torch.stack(logit_sums).sum()).logical_not()
+    if any(_routing_bypassed(router) for router in in_step):
+        faults_F[_NOT_ROUTED] = 1
+    if any(router._megatron_gbl.miscounted() for router in in_step):
+        faults_F[_MISCOUNTED] = 1
+    return faults_F
+
+
+def _fault_error(faults: list[int], in_step: list[TopKRouter]) -> Exception:
+    """The error every rank raises for the agreed faults (counts of ranks), the same first
+    sentence on every rank, then what this rank saw."""
+    if faults[_NON_FINITE]:
+        return FloatingPointError(
+            f"megatron_gbl: router logits with NaN or inf at training iteration {_ITERATION} "
+            f"(0-based; Megatron-LM logs it as iteration {_ITERATION + 1}) on "
+            f"{faults[_NON_FINITE]} rank(s); on this rank in MoE layer(s) "
+            f"{_non_finite_layers(in_step) or 'none'}. The router's input already held them: "
+            "check this step's data and the learning rate, or set "
+            "--check-for-nan-in-loss-and-grad; every rank stops, the step is discarded, the "
+            "expert bias is not updated.")
+    if faults[_NOT_ROUTED]:
+        unrouted = ", ".join(f"MoE layer {compat.layer_index(router)} ({type(router).__name__})"
+                             for router in in_step if _routing_bypassed(router))
+        return RuntimeError(
+            f"megatron_gbl: on {faults[_NOT_ROUTED]} rank(s) an MoE layer trained without a "
+            f"call of TopKRouter.routing (on this rank: {unrouted or 'none'}): a "
+            "TopKRouter subclass that overrides routing without calling it gets no "
+            "load-balancing loss at all, since the plugin computes the scoped one there and "
+            "switches upstream's off for every TopKRouter. Call super().routing(...) in the "
+            "override, or call megatron_gbl.disable()")
+    miscounted = ", ".join(
+        f"MoE layer {compat.layer_index(router)} ran {router._megatron_gbl.calls}"
+        for router in in_step if router._megatron_gbl.miscounted())
+    expected = next((router._megatron_gbl.expected_microbatches for router in in_step), None)
+    return RuntimeError(
+        f"megatron_gbl: on {faults[_MISCOUNTED]} rank(s) a router's training calls differ from "
+        f"the step's {expected} micro-batch(es) (num_microbatches given to the schedule or to "
+        f"megatron_gbl.step / start_step; on this rank: {miscounted or 'none'}), so "
+        "micro-batches were counted twice or not at all. Pass the number of micro-batches the "
+        "step runs; non-reentrant activation checkpointing re-runs the router with gradients "
+        "on: use Megatron's recompute (--recompute-granularity / --recompute-modules), which "
+        "replays it once")
+
+
+def _routing_bypassed(router: TopKRouter) -> bool:
+    """Whether `router` overrides TopKRouter.routing and its override never called it this step
+    (a layer that did not run at all in a step is no fault)."""
+    return router._megatron_gbl.calls == 0 and type(router).routing is not TopKRouter.routing
 
 
 def _non_finite_layers(routers: list[TopKRouter]) -> list[int]:

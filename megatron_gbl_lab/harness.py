@@ -67,9 +67,34 @@ def install_cpu_shims() -> None:
         # 0.13-0.16 name this symbol only when Transformer Engine imports.
         _set(moe_utils, "te_general_gemm", None)
     _set(torch.Tensor, "cuda", lambda self, *a, **k: self)
+    _accept_cpu_params_in_fp16_optimizer()
     _set(torch.cuda, "synchronize", lambda *a, **k: None)  # pipeline p2p waits on streams
     for name in _FACTORIES:
         _set(torch, name, _on_cpu(getattr(torch, name)))
+
+
+def _accept_cpu_params_in_fp16_optimizer() -> None:
+    """Megatron's Float16OptimizerWithFloat16Params sorts its parameters by type name and takes
+    only "torch.cuda.*Tensor": while it does, CPU tensors answer with the CUDA names."""
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+
+    original = Float16OptimizerWithFloat16Params.__init__
+
+    def __init__(self, *args, **kwargs):
+        tensor_type = torch.Tensor.type
+
+        def cuda_named(tensor, *type_args, **type_kwargs):
+            if type_args or type_kwargs:
+                return tensor_type(tensor, *type_args, **type_kwargs)
+            return tensor_type(tensor).replace("torch.", "torch.cuda.", 1)
+
+        torch.Tensor.type = cuda_named
+        try:
+            original(self, *args, **kwargs)
+        finally:
+            torch.Tensor.type = tensor_type
+
+    _set(Float16OptimizerWithFloat16Params, "__init__", __init__)
 
 
 class _NoStream:

@@ -34,7 +34,8 @@ if [ "${all_versions}" = 1 ]; then
   TESTS="${VERSION_SENSITIVE_TESTS:-tests/test_router_dist.py tests/test_model_dist.py
          tests/test_parallel_layouts.py tests/test_model_features.py tests/test_device_balance.py
          tests/test_graphs_streams.py tests/test_megatron_lm.py tests/test_api.py
-         tests/test_expert_bias.py tests/test_ablations.py tests/test_reliability.py}" \
+         tests/test_expert_bias.py tests/test_ablations.py tests/test_reliability.py
+         tests/test_step_metrics.py tests/test_compat.py}" \
   PYTEST_K="${VERSION_SENSITIVE_K:-not (aux_free_and_scope_switch or errors_before_training)}" \
     scripts/test_versions.sh "${others[@]}"
 fi

@@ -251,8 +251,12 @@ RUNTIME = {
     "none": ["moe_router_load_balancing_type='none'"],
     "coeff 0": ["moe_aux_loss_coeff=0.0"],
     "no step boundary": ["get_forward_backward_func", "megatron_gbl.step(model)"],
-    "counted twice": ["counted twice", "1 micro-batches"],
+    "counted twice": ["counted twice", "1 micro-batch(es)", "MoE layer 1 ran 2"],
+    "routing overridden without the base": ["without a call of TopKRouter.routing",
+                                            "MoE layer 2 (OwnRoutingRouter)", "super().routing"],
     "two MoE layers with one layer number": ["layer number 1", "--hybrid-layer-pattern"],
+    "MoE layers that balance differently": ["balance in different ways", "an LBL",
+                                            "no LBL", "moe_router_enable_expert_bias"],
     "step never finished": ["never finished", "finish_step", "discard_step"],
     "before enable": ["start_step", "enable(scope) first"],
 }

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import inspect
 import os
 import subprocess
 import sys
@@ -22,7 +23,10 @@ from pathlib import Path
 
 import pytest
 
+import bad_input
+import megatron_gbl
 import workers
+from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_gbl import compat, megatron_lm, metrics, quantile
 from megatron_gbl_lab import harness
 
@@ -57,6 +61,8 @@ REAL_LOOP_ARGS = [
 ] if REAL_LOOP else []
 PRELOAD = ("megatron.training.training",) if REAL_LOOP else ()  # imported once, not per rank
 CPU_LAUNCH = Path(__file__).parent / "real_megatron_lm" / "cpu_launch.py"
+AUX_FREE_ARGS = ["--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
+                 "--moe-router-bias-update-rate", "1e-2"]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("megatron.training") is None,
@@ -67,6 +73,26 @@ def test_a_broken_training_loop_import_fails_instead_of_falling_back(monkeypatch
     monkeypatch.setitem(sys.modules, "megatron.training.training", None)
     with pytest.raises(ImportError):
         installed_training_loop()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("megatron.training") is None,
+                    reason="this megatron-core wheel ships no Megatron-LM training code")
+def test_a_renamed_logging_parameter_fails_at_start_up(monkeypatch):
+    # Megatron-LM's per-iteration MoE logging with a parameter the plugin fills in renamed: the
+    # run must stop at start-up, naming it and the release, not at the first logged iteration.
+    owner, name = megatron_lm._logging_hook()
+
+    def renamed(*args, scale=1.0, iteration=0, writer=None, wandb_writer=None,
+                track_names=None):
+        pass
+
+    monkeypatch.setattr(owner, name, renamed)
+    try:
+        with pytest.raises(RuntimeError, match=r"megatron-core \d.*no parameter 'loss_scale'"):
+            megatron_lm.configure(bad_input.megatron_lm_args(dict(num_layers=2)))
+    finally:
+        megatron_gbl.disable()
+        megatron_lm.uninstall()
 
 
 def parse(argv):
@@ -154,8 +180,7 @@ def test_launcher_enables_plugin_and_logs_the_megatron_way(tmp_path):
 def test_launcher_aux_free_and_scope_switch(tmp_path):
     # Aux-loss-free at global scope: no LBL names, the bias and the load violation logged.
     aux_free, _ = run_training(tmp_path, "auxfree", [
-        "--moe-lbl-scope", "global", "--moe-router-score-function", "sigmoid",
-        "--moe-router-enable-expert-bias", "--moe-router-bias-update-rate", "1e-2",
+        "--moe-lbl-scope", "global", *AUX_FREE_ARGS,
         "--moe-router-load-balancing-type", "none", "--moe-aux-loss-coeff", "0"], 8)
     assert set(metrics.names(has_lbl=False, has_expert_bias=True)) <= set(aux_free)
     assert not {"load_balancing_loss", metrics.MICRO_LBL, metrics.GLOBAL_LBL} & set(aux_free)
@@ -238,6 +263,21 @@ def test_pipeline_stage_without_moe_layers(tmp_path, moe_layer_freq, moe_layer):
     assert list(histograms) == [f"moe/tokens_per_expert_layer_{moe_layer}"]
     for histogram in histograms[f"moe/tokens_per_expert_layer_{moe_layer}"]:
         assert histogram.num == sum(histogram.bucket) == 4 * 8 * 2  # tokens x top-2
+
+
+@pytest.mark.skipif(not (REAL_LOOP and "mtp_use_repeated_layer" in str(
+    inspect.signature(TransformerConfig))), reason="a repeated MTP layer through Megatron-LM's "
+    "own loop (megatron.training of megatron-core >= 0.17)")
+def test_logging_with_a_repeated_mtp_layer(tmp_path):
+    # Two prediction depths of one repeated MTP layer, an LBL and expert bias: Megatron-LM's
+    # logging at every iteration gets one row per depth, after the two decoder layers.
+    mtp, _ = run_training(tmp_path, "mtp", [
+        "--moe-lbl-scope", "global", "--mtp-num-layers", "2", "--mtp-use-repeated-layer",
+        "--position-embedding-type", "rope", "--no-rope-fusion", *AUX_FREE_ARGS], 8)
+    for name in metrics.names(has_lbl=True, has_expert_bias=True):
+        assert len(mtp[name]) == 2, name
+        for layer in range(4):
+            assert len(mtp[f"moe/{name}_layer_{layer}"]) == 2, (name, layer)
 
 
 @pytest.mark.skipif(not REAL_LOOP or not compat.has_quantile_balancing(),

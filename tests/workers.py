@@ -304,13 +304,32 @@ def bad_input_messages(rank: int, world_size: int) -> dict:
             lambda: router(torch.randn(4, 2, model.config.hidden_size))[0].sum().backward())
     megatron_gbl.enable("global")
     megatron_gbl.start_step(model, num_microbatches=1)
+    for each in harness.routers_of(model):
+        each(torch.randn(4, 2, model.config.hidden_size))
     router(torch.randn(4, 2, model.config.hidden_size))
-    capture("counted twice", lambda: router(torch.randn(4, 2, model.config.hidden_size)))
+    capture("counted twice", lambda: megatron_gbl.finish_step(model))
+    # A TopKRouter subclass whose routing never calls TopKRouter.routing: no LBL at all.
+    overriding = harness.build_gpt_moe(harness.moe_config())
+    own = harness.routers_of(overriding)[1]
+    own.__class__ = type("OwnRoutingRouter", (type(own),), {
+        "routing": lambda self, logits, *args, **kwargs: torch.topk(logits.softmax(-1), 2)})
+    megatron_gbl.enable("global")
+    megatron_gbl.start_step(overriding, num_microbatches=1)
+    for each in harness.routers_of(overriding):
+        each(torch.randn(4, 2, overriding.config.hidden_size))
+    capture("routing overridden without the base", lambda: megatron_gbl.finish_step(overriding))
     # As the MoE layers of a HybridModel's MTP layers are numbered (0.19): again from 1.
     twins = harness.build_gpt_moe(harness.moe_config())
     harness.routers_of(twins)[1].layer_number = 1
     capture("two MoE layers with one layer number",
             lambda: megatron_gbl.enable("global", model=twins))
+    # Two chunks of one model (layers 1-2 and 3-4) whose MoE layers balance differently: an LBL
+    # in one, expert bias alone in the other.
+    later_chunk = harness.build_gpt_moe(harness.moe_config(**AUX_FREE))
+    for each in harness.routers_of(later_chunk):
+        each.layer_number += 2
+    capture("MoE layers that balance differently",
+            lambda: megatron_gbl.enable("global", model=[model, later_chunk]))
     aux_free = harness.build_gpt_moe(harness.moe_config(**AUX_FREE))
     megatron_gbl.enable("global")
     megatron_gbl.start_step(aux_free)
@@ -564,34 +583,30 @@ def failing_step_run(rank: int, world_size: int, spec: dict) -> dict:
 
 
 def nan_logits_run(rank: int, world_size: int, spec: dict) -> dict:
-    """NaN router input in MoE layer 2 at step `nan_step` (on rank `nan_rank` only, if given);
-    returns the error the step raised, or, when none did, the expert biases and whether step
-    metrics existed after every step."""
+    """NaN router input in MoE layer 2 at step `nan_step`: the error the step raised, the steps
+    done before it, and the expert biases after it (None without expert bias)."""
     if not harness.model_parallel_initialized():
         harness.init_model_parallel()
     config = harness.moe_config(**spec.get("config", {}))
     model = harness.build_gpt_moe(config, vocab_size=64, max_sequence_length=spec["seq"])
     megatron_gbl.enable(spec["scope"], model=model)
     routers = harness.routers_of(model)
-    steps_done, biases, has_metrics = [], [], []
-    poisoned = spec.get("nan_rank", rank) == rank
+    steps_done = []
     routers[1].register_forward_pre_hook(
         lambda module, args: (args[0] * float("nan"),) + args[1:]
-        if poisoned and len(steps_done) == spec["nan_step"] else None)
+        if len(steps_done) == spec["nan_step"] else None)
+    error = None
     for seed in range(spec["steps"]):
         try:
             _train(model, None, [seed], spec)
-        except FloatingPointError as error:
-            bias = [balancing_bias(r).clone() for r in routers] \
-                if balancing_bias(routers[0]) is not None else None
-            megatron_gbl.disable()
-            return {"error": str(error), "steps_done": len(steps_done), "bias": bias}
+        except FloatingPointError as raised:
+            error = str(raised)
+            break
         steps_done.append(seed)
-        biases.append([balancing_bias(r).clone() for r in routers])
-        has_metrics.append(megatron_gbl.step_metrics(model) is not None)
+    bias = [r.expert_bias.clone() for r in routers] \
+        if config.moe_router_enable_expert_bias else None
     megatron_gbl.disable()
-    return {"error": None, "steps_done": len(steps_done), "biases": biases,
-            "has_metrics": has_metrics}
+    return {"error": error, "steps_done": len(steps_done), "bias": bias}
 
 
 def die_mid_step(rank: int, world_size: int, init_file: str, result_file: str,
