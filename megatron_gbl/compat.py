@@ -563,15 +563,6 @@ def has_own_global_quantile_balancing() -> bool:
         field.name for field in dataclasses.fields(TransformerConfig)}
 
 
-def release() -> str:
-    """The imported megatron-core's release, for messages only (decisions detect features):
-    package_info.VERSION, without the git commit its __version__ adds when the package sits in
-    a git work tree."""
-    from megatron.core import package_info
-
-    return ".".join(map(str, package_info.VERSION[:3])) + "".join(package_info.VERSION[3:])
-
-
 def upstream_qb_update_switch() -> tuple[object, str, object]:
     """(owner, name, replacement) that turns off 0.19's once-per-step quantile-balancing update
     (finalize_model_grads calls it through its module globals), while the plugin owns it."""

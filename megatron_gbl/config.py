@@ -293,17 +293,18 @@ def _quantile_balancing(config, settings: Optional[Settings], pairs: list,
     constraints (its router asserts them, or the plugin's switched-off aux loss would hide
     them) with a message that names the flag."""
     name = "moe_router_load_balancing_type='quantile_balancing' (--moe-router-load-balancing-type)"
+    release = compat.megatron_core_release()
     if not compat.has_quantile_balancing() and compat.has_own_global_quantile_balancing():
         raise ValueError(
-            f"megatron_gbl: {name}: this megatron-core ({compat.release()}) takes the quantile "
-            "over the global batch itself (moe_router_quantile_balancing_estimation_scope / "
+            f"megatron_gbl: {name}: this megatron-core ({release}) takes the quantile over the "
+            "global batch itself (moe_router_quantile_balancing_estimation_scope / "
             "--moe-router-quantile-balancing-estimation-scope) with hooks the plugin does not "
             "rescope; use that option and drop --moe-lbl-scope / call megatron_gbl.disable()")
     if not compat.has_quantile_balancing():
         raise ValueError(
             f"megatron_gbl: {name} needs Megatron-Core 0.19 or later; this is megatron-core "
-            f"{compat.release()}, which has no quantile balancing. Upgrade megatron-core, or "
-            "balance with aux_loss, seq_aux_loss or global_aux_loss (--moe-aux-loss-coeff > 0) or "
+            f"{release}, which has no quantile balancing. Upgrade megatron-core, or balance with "
+            "aux_loss, seq_aux_loss or global_aux_loss (--moe-aux-loss-coeff > 0) or "
             "auxiliary-loss-free balancing (--moe-router-enable-expert-bias) at the scope")
     if len(pairs) > 1 or not isinstance(config.moe_router_load_balancing_type, str):
         raise ValueError(

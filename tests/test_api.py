@@ -73,7 +73,7 @@ def test_quantile_balancing_on_a_release_without_it(monkeypatch):
     with pytest.raises(ValueError) as error:
         megatron_lm.configure(bad_input.megatron_lm_args(bad_input.QB))
     message = str(error.value)
-    assert f"this is megatron-core {compat.release()}" in message, message
+    assert f"this is megatron-core {compat.megatron_core_release()}" in message, message
     assert "needs Megatron-Core 0.19 or later" in message, message
     import megatron_gbl
 
