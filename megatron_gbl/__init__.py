@@ -25,7 +25,9 @@ Public API:
     Settings, BalanceBSZ, StepMetrics, SCOPES
 
 Auxiliary-loss-free balancing (moe_router_enable_expert_bias) takes the scope too: the expert
-bias is updated from micro-batch (micro, dp) or global-batch (global) expert load.
+bias is updated from micro-batch (micro, dp) or global-batch (global) expert load. So does
+Megatron-Core 0.19's quantile balancing: its bias is solved from the quantiles of a micro-batch
+(micro, upstream's), a data-parallel micro-batch (dp) or the global batch (global).
 
 Megatron-LM: `python -m megatron_gbl.launch pretrain_gpt.py ... --moe-lbl-scope=global`
 (megatron_gbl.megatron_lm holds the flags and the logging hook).

@@ -18,6 +18,13 @@ def all_reduce_sum(tensor: torch.Tensor, group, what: str = "an all-reduce") -> 
     return PendingSum(tensor, group, blocking=True, what=what).wait()
 
 
+def all_reduce_average(tensor: torch.Tensor, group, what: str = "an all-reduce") -> torch.Tensor:
+    """Average `tensor` in place over `group` with ReduceOp.AVG, the operation Megatron-Core's
+    own step-end averages use; a no-op without a group or with a group of one."""
+    issue = functools.partial(dist.all_reduce, tensor, op=dist.ReduceOp.AVG, group=group)
+    return _Pending(tensor, group, issue, blocking=True, what=what).wait()
+
+
 def all_reduce_sums(pairs: Sequence[tuple[torch.Tensor, object]],
                     what: str = "an all-reduce") -> list[torch.Tensor]:
     """Each tensor of `pairs` [(tensor, group)] summed over its group (None: left as it is), in

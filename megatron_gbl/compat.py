@@ -18,11 +18,14 @@ Everything is decided by feature detection, never by version strings:
 - MTP routers: 0.12-0.15 build every MTP layer's TransformerLayer with the default layer
   number 1, unmarked (steps.py refuses such a model: layer numbers collide); 0.16 numbers them
   after the decoder layers; 0.17+ mark them `is_mtp_layer` and number them from 1 again, and
-  `mtp_use_repeated_layer` runs one MTP layer at every prediction depth.
+  `mtp_use_repeated_layer` runs one MTP layer at every prediction depth;
+- quantile balancing (`TopKRouter.quantile_balancing`, `qb_beta`, finalize_model_grads'
+  `_update_router_qb_beta`) exists from 0.19 only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import inspect
@@ -182,9 +185,13 @@ def fp32_bias_on_load():
 
 def reset_upstream_expert_load(router) -> None:
     """Zero upstream's own expert-load accumulator, which the plugin does not use (0.12-0.14
-    would otherwise never zero it while upstream's update is off)."""
+    would otherwise never zero it while upstream's update is off), and 0.19's quantile
+    accumulators, which the plugin empties after every call (quantile.StepHistograms)."""
     if getattr(router, "local_tokens_per_expert", None) is not None:
         router.local_tokens_per_expert.zero_()
+    if getattr(router, "qb_beta_accum", None) is not None:
+        router.qb_beta_accum.zero_()
+        router.qb_beta_count.zero_()
 
 
 def expert_bias_frozen(router) -> bool:
@@ -534,3 +541,66 @@ def grad_scaler_skips_non_finite(config) -> bool:
     return bool(getattr(config, "fp16", False))
 
 
+
+
+def has_quantile_balancing() -> bool:
+    """Whether this Megatron-Core has the quantile balancing the plugin rescopes: 0.19's
+    TopKRouter.quantile_balancing and finalize_model_grads' _update_router_qb_beta (also on
+    Megatron-LM main, 2026-08)."""
+    finalize_model_grads = importlib.import_module(
+        "megatron.core.distributed.finalize_model_grads")
+    return hasattr(TopKRouter, "quantile_balancing") \
+        and hasattr(finalize_model_grads, "_update_router_qb_beta")
+
+
+def has_own_global_quantile_balancing() -> bool:
+    """Whether this Megatron-Core estimates quantile balancing's bias on the global batch itself
+    (moe_router_quantile_balancing_estimation_scope: Megatron-LM PR #6637, on dev after
+    2026-08-21), in place of the hooks of `has_quantile_balancing`."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    return "moe_router_quantile_balancing_estimation_scope" in {
+        field.name for field in dataclasses.fields(TransformerConfig)}
+
+
+def upstream_qb_update_switch() -> tuple[object, str, object]:
+    """(owner, name, replacement) that turns off 0.19's once-per-step quantile-balancing update
+    (finalize_model_grads calls it through its module globals), while the plugin owns it."""
+    finalize_model_grads = importlib.import_module(
+        "megatron.core.distributed.finalize_model_grads")
+    return finalize_model_grads, "_update_router_qb_beta", lambda *args, **kwargs: None
+
+
+def qb_bias(router) -> torch.Tensor:
+    """0.19's quantile-balancing bias `qb_beta` (fp32 [E], a persistent buffer)."""
+    return router.qb_beta
+
+
+def qb_upstream_accumulators(router) -> tuple[torch.Tensor, torch.Tensor]:
+    """0.19's per-step sum of micro-batch quantiles and their count (qb_beta_accum fp32 [E],
+    qb_beta_count int64 [])."""
+    return router.qb_beta_accum, router.qb_beta_count
+
+
+def qb_routing(router, logits_TE: torch.Tensor,
+               indices_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probs, routing map) [T, E] of experts picked by quantile balancing: the probabilities
+    of the router's score function, as 0.19's quantile_balancing computes them."""
+    config = router.config
+    return moe_utils.topk_routing_with_score_function(
+        logits_TE, router.topk, use_pre_softmax=config.moe_router_pre_softmax,
+        scaling_factor=config.moe_router_topk_scaling_factor,
+        score_function=router.score_function, fused=config.moe_router_fusion,
+        precomputed_indices=indices_TK)
+
+
+def quantile_balancing_ema(config) -> float:
+    """moe_router_quantile_balancing_ema of a TransformerConfig or Megatron-LM's args (0.19's
+    default 0.0 where unset)."""
+    return float(getattr(config, "moe_router_quantile_balancing_ema", None) or 0.0)
+
+
+def dp_cp_group():
+    """Data x context parallel group: the one 0.19's quantile-balancing update averages over
+    (finalize_model_grads without a pg_collection)."""
+    return parallel_state.get_data_parallel_group(with_context_parallel=True)

@@ -154,7 +154,7 @@ def device_groups(config, settings: Settings) -> int:
     """D, the number of expert groups of the device-level LBL and its metric, for a router
     config (a TransformerConfig or Megatron-LM's args): `settings.device_groups`, else the
     expert-parallel size. Raises ValueError naming the flag and the fix when D cannot apply."""
-    num_experts = getattr(config, "num_moe_experts", None) or getattr(config, "num_experts", None)
+    num_experts = _num_experts(config)
     expert_parallel = compat.expert_parallel_size(config)
     groups = settings.device_groups or expert_parallel
     if num_experts and num_experts % groups:
@@ -195,11 +195,14 @@ class Balancing:
         moe_aux_loss_coeff; None / 0.0 for auxiliary-loss-free balancing alone.
     bias_update_rate: moe_router_bias_update_rate when moe_router_enable_expert_bias is on
         (auxiliary-loss-free balancing, Wang et al. 2024), else None.
+    quantile_ema: moe_router_quantile_balancing_ema with quantile balancing (Megatron-Core
+        0.19+, megatron_gbl.quantile), else None.
     """
 
     lbl_type: Optional[str]
     coeff: float
     bias_update_rate: Optional[float]
+    quantile_ema: Optional[float] = None
 
 
 def router_balancing(config, settings: Optional[Settings] = None) -> Balancing:
@@ -220,16 +223,7 @@ def router_balancing(config, settings: Optional[Settings] = None) -> Balancing:
     pairs = compat.lbl_types_and_coeffs(config)
     if any(lbl_type == "quantile_balancing" for lbl_type, _ in pairs):
         # Checked before expert bias drops coefficient-0 types: never left running unscoped.
-        raise ValueError(
-            "megatron_gbl: moe_router_load_balancing_type='quantile_balancing' "
-            "(--moe-router-load-balancing-type) balances with a per-expert bias that "
-            "Megatron-Core solves from each micro-batch's router logits and averages over the "
-            "global batch once per step; the plugin cannot give it a scope (that would need "
-            "the quantiles of the whole balance group's logits, not a sum of expert counts). "
-            "Use aux_loss, seq_aux_loss or global_aux_loss with --moe-aux-loss-coeff > 0, or "
-            "auxiliary-loss-free balancing (--moe-router-enable-expert-bias), or drop "
-            "--moe-lbl-scope / call megatron_gbl.disable()"
-        )
+        return _quantile_balancing(config, settings, pairs, bias_update_rate)
     if bias_update_rate is not None:
         # Beside expert bias, Megatron computes no LBL of type "none" or coefficient 0 (its
         # defaults): balancing is then auxiliary-loss-free alone.
@@ -278,7 +272,8 @@ def router_balancing(config, settings: Optional[Settings] = None) -> Balancing:
         if value and lbl_type is None:
             raise ValueError(
                 f"megatron_gbl: {name} ({flag}) {value} adds a {added} beside the scoped LBL, "
-                "but this model balances without an LBL (auxiliary-loss-free only); drop it, or "
+                "but this model balances without an LBL (auxiliary-loss-free or quantile "
+                "balancing); drop it, or "
                 "add an LBL with --moe-router-load-balancing-type aux_loss and "
                 "--moe-aux-loss-coeff > 0"
             )
@@ -286,6 +281,98 @@ def router_balancing(config, settings: Optional[Settings] = None) -> Balancing:
     if bias_update_rate is not None:
         _check_bias_scopes(settings, config)
     return balancing
+
+
+_QB_FIX = ("otherwise use another --moe-router-load-balancing-type, or drop --moe-lbl-scope / call "
+           "megatron_gbl.disable()")
+
+
+def _quantile_balancing(config, settings: Optional[Settings], pairs: list,
+                        bias_update_rate: Optional[float]) -> Balancing:
+    """Balancing of quantile balancing, after the checks that keep Megatron-Core 0.19's
+    constraints (its router asserts them, or the plugin's switched-off aux loss would hide
+    them) with a message that names the flag."""
+    name = "moe_router_load_balancing_type='quantile_balancing' (--moe-router-load-balancing-type)"
+    release = compat.megatron_core_release()
+    if not compat.has_quantile_balancing() and compat.has_own_global_quantile_balancing():
+        raise ValueError(
+            f"megatron_gbl: {name}: this megatron-core ({release}) takes the quantile over the "
+            "global batch itself (moe_router_quantile_balancing_estimation_scope / "
+            "--moe-router-quantile-balancing-estimation-scope) with hooks the plugin does not "
+            "rescope; use that option and drop --moe-lbl-scope / call megatron_gbl.disable()")
+    if not compat.has_quantile_balancing():
+        raise ValueError(
+            f"megatron_gbl: {name} needs Megatron-Core 0.19 or later; this is megatron-core "
+            f"{release}, which has no quantile balancing. Upgrade megatron-core, or balance with "
+            "aux_loss, seq_aux_loss or global_aux_loss (--moe-aux-loss-coeff > 0) or "
+            "auxiliary-loss-free balancing (--moe-router-enable-expert-bias) at the scope")
+    if len(pairs) > 1 or not isinstance(config.moe_router_load_balancing_type, str):
+        raise ValueError(
+            "megatron_gbl: moe_router_load_balancing_type="
+            f"{config.moe_router_load_balancing_type!r} (--moe-router-load-balancing-type): "
+            "Megatron-Core balances by quantiles only when "
+            "the type is the single string 'quantile_balancing', with no loss beside it; give "
+            f"it alone; {_QB_FIX}")
+    checks = (
+        (pairs[0][1] != 0, "moe_aux_loss_coeff (--moe-aux-loss-coeff) must be 0 (quantile "
+                           f"balancing has no auxiliary loss), got {pairs[0][1]}"),
+        (bias_update_rate is not None or getattr(config, "moe_router_enable_expert_bias", False),
+         "moe_router_enable_expert_bias (--moe-router-enable-expert-bias) adds a second "
+         "per-expert bias; turn it off"),
+        (getattr(config, "moe_router_fusion", False),
+         "moe_router_fusion (--moe-router-fusion) is not supported by Megatron-Core's quantile "
+         "balancing; turn it off"),
+        (getattr(config, "moe_router_num_groups", None) is not None
+         or getattr(config, "moe_router_group_topk", None) is not None,
+         "group-limited routing (moe_router_num_groups / --moe-router-num-groups, "
+         "moe_router_group_topk / --moe-router-group-topk) is not supported by Megatron-Core's "
+         "quantile balancing; unset both"),
+        (not 0 <= compat.quantile_balancing_ema(config) <= 1,
+         "moe_router_quantile_balancing_ema (--moe-router-quantile-balancing-ema) must be in "
+         f"[0, 1], got {compat.quantile_balancing_ema(config)}"),
+    )
+    for failed, problem in checks:
+        if failed:
+            raise ValueError(f"megatron_gbl: with {name}, {problem}; {_QB_FIX}")
+    _check_cuda_graphs(config)
+    tokens = _micro_batch_tokens(config)
+    topk, num_experts = getattr(config, "moe_router_topk", 2), _num_experts(config)
+    if tokens is not None and num_experts and tokens * topk % num_experts:
+        raise ValueError(
+            f"megatron_gbl: {name} gives each expert N K / E tokens of a micro-batch, but "
+            f"N = {tokens} tokens (--micro-batch-size x --seq-length) times K = {topk} "
+            f"(--moe-router-topk) is not a multiple of E = {num_experts} (--num-experts); "
+            "change --micro-batch-size or --seq-length")
+    if settings is not None:
+        from megatron_gbl import quantile
+
+        for scope in settings.scopes:
+            if scope not in quantile.SCOPES:
+                raise ValueError(
+                    f"megatron_gbl: scope (--moe-lbl-scope / --moe-lbl-switch-scope) {scope!r} "
+                    f"has no quantile for {name}; use one of {', '.join(quantile.SCOPES)}")
+        for flag_name, flag, value in (
+                ("micro_coeff", "--moe-lbl-micro-coeff", settings.micro_coeff),
+                ("device_coeff", "--moe-lbl-device-coeff", settings.device_coeff)):
+            if value:
+                raise ValueError(
+                    f"megatron_gbl: {flag_name} ({flag}) {value} adds a loss beside the scoped "
+                    f"LBL, but with {name} there is no LBL; drop it; {_QB_FIX}")
+    return Balancing(None, 0.0, None, compat.quantile_balancing_ema(config))
+
+
+def _micro_batch_tokens(config) -> Optional[int]:
+    """Tokens of one micro-batch over TP x CP (what upstream's quantile sees), from Megatron-LM's
+    args; None for a TransformerConfig (the router checks each call's shape instead)."""
+    micro_batch_size = getattr(config, "micro_batch_size", None)
+    seq_length = getattr(config, "seq_length", None)
+    if not micro_batch_size or not seq_length:
+        return None
+    return micro_batch_size * seq_length
+
+
+def _num_experts(config) -> Optional[int]:
+    return getattr(config, "num_moe_experts", None) or getattr(config, "num_experts", None)
 
 
 def _check_bias_scopes(settings: Settings, config) -> None:

@@ -85,6 +85,7 @@ class RouterState:
     # Whether this step's calls are activation-recompute replays: they run in the backward,
     # where autograd replays a repeated MTP layer's depths in reverse order.
     replayed: bool = False
+    qb: Optional[object] = None  # quantile balancing: this step's quantile.StepHistograms
 
     def __post_init__(self):
         self.depth_buffers = [StepBuffer() for _ in range(self.calls_per_microbatch)]
@@ -119,6 +120,7 @@ class RouterState:
         self.expected_microbatches = expected_microbatches
         self.calls = 0
         self.logit_sums.clear()
+        self.qb = None
 
     def close_step(self) -> None:
         """The step finished or was discarded: no training call until the next start_step."""

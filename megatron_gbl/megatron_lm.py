@@ -53,7 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
              "data-parallel ranks), global (global batch: dp plus the gradient-accumulation "
              "buffer), shuffle (micro-batch-many tokens drawn from all ranks' micro-batches). "
              "With --moe-router-enable-expert-bias, micro/dp/global also set the load the "
-             "bias is updated from (per micro-batch, or once per step for global). "
+             "bias is updated from (per micro-batch, or once per step for global); with "
+             "--moe-router-load-balancing-type quantile_balancing (Megatron-Core 0.19+), the "
+             "tokens its bias's quantile is taken over. "
              "Unset: Megatron's own behaviour.")
     group.add_argument(
         "--moe-lbl-sync-group-size", type=int, default=None,
@@ -142,7 +144,8 @@ def configure(args: argparse.Namespace) -> None:
     training = importlib.import_module("megatron.training")
     steps.set_iteration(0, source=lambda: getattr(training.get_args(), "curr_iteration", None))
     names = metrics.names(balancing.lbl_type is not None,
-                          balancing.bias_update_rate is not None)
+                          balancing.bias_update_rate is not None,
+                          balancing.quantile_ema is not None)
     if settings.device_coeff:
         names += (metrics.DEVICE_LBL,)
     # From the arguments, not from this rank's routers: a pipeline stage without MoE layers

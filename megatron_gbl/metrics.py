@@ -17,8 +17,9 @@ all-reduce per set of ranks (sums over groups that hold the same ranks share one
     device load violation = max_d C_d / mean_d C_d - 1      C_d = Σ_{i in group d} c_i over
                                                             the micro-batch's token group
 
-The load is the expert-bias load (the dispatched, biased top-k) when expert bias is on, else the
-LBL's counts. Micro-batch values are averaged over the step's micro-batches here and over
+The load is the dispatched (biased) top-k when expert bias or quantile balancing is on, else
+the LBL's counts; quantile balancing adds its bias's spread and its histograms' clamp counts
+(quantile.step_values). Micro-batch values are averaged over the step's micro-batches here and over
 data-parallel ranks by Megatron's tracker; global values are the same on every rank.
 The device load violation is computed with or without the device-level LBL, from D groups
 (device_groups, default the expert-parallel size): the slowest device of an all-to-all over
@@ -32,7 +33,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from megatron_gbl import comm, compat
+from megatron_gbl import comm, compat, quantile
 from megatron_gbl.loss import load_balancing_loss, tokens_per_device
 
 MICRO_LBL = "micro_batch_lbl"
@@ -46,11 +47,11 @@ BALANCE_BSZ = "balance_bsz_tokens"
 EXPERT_BIAS_STD = "expert_bias_std"
 
 
-def names(has_lbl: bool, has_expert_bias: bool) -> tuple[str, ...]:
+def names(has_lbl: bool, has_expert_bias: bool, has_quantile: bool = False) -> tuple[str, ...]:
     """The metric names `step_metrics` gives for a router configuration."""
     return ((MICRO_LBL, GLOBAL_LBL) if has_lbl else ()) + (
         MICRO_LOAD_VIOLATION, GLOBAL_LOAD_VIOLATION, MICRO_DEVICE_LOAD_VIOLATION, BALANCE_BSZ) + (
-        (EXPERT_BIAS_STD,) if has_expert_bias else ())
+        (EXPERT_BIAS_STD,) if has_expert_bias else ()) + (quantile.METRICS if has_quantile else ())
 
 
 @dataclass(frozen=True)
@@ -105,14 +106,17 @@ def step_metrics(routers: Sequence) -> Optional[StepMetrics]:
         return None
     first = routers[0]._megatron_gbl
     has_lbl, has_bias = first.balancing.lbl_type is not None, first.bias is not None
+    has_quantile = first.balancing.quantile_ema is not None
+    has_load = has_bias or has_quantile  # the dispatched load is counted
     statistics_rows = rows(routers)
     # float64 holds the integer counts exactly: one tensor, at most three sums for everything,
     # one collective each (fewer where groups hold the same ranks).
-    stats_LMX = torch.cat([_microbatch_stats(router._megatron_gbl, has_lbl, has_bias)
+    stats_LMX = torch.cat([_microbatch_stats(router._megatron_gbl, has_lbl, has_load)
                            for router in routers])
     num_experts = routers[0].config.num_moe_experts
-    # The load: the trailing [c, T] with expert bias, else the LBL stats' leading c.
-    load_start = stats_LMX.shape[-1] - num_experts - 1 if has_bias else 0
+    # The load: the trailing dispatched [c, T] (expert bias, quantile balancing), else the LBL
+    # stats' leading c.
+    load_start = stats_LMX.shape[-1] - num_experts - 1 if has_load else 0
     device_load_LMD = tokens_per_device(stats_LMX[..., load_start:load_start + num_experts],
                                         first.device_groups)
     global_LX, micro_LMX, device_load_LMD = comm.all_reduce_sums([
@@ -141,6 +145,8 @@ def step_metrics(routers: Sequence) -> Optional[StepMetrics]:
     if has_bias:
         values[EXPERT_BIAS_STD] = torch.stack([router.expert_bias.detach().double().std()
                                                for _, router in statistics_rows])
+    if has_quantile:
+        values.update(quantile.step_values([router for _, router in statistics_rows]))
     return StepMetrics(
         layer_numbers=[layer for layer, _ in statistics_rows],
         values=values,
@@ -179,7 +185,7 @@ def log_lbl(routers: Sequence) -> None:
                                   avg_group=compat.tp_dp_cp_group(router))
 
 
-def _microbatch_stats(state, has_lbl: bool, has_bias: bool) -> torch.Tensor:
+def _microbatch_stats(state, has_lbl: bool, has_load: bool) -> torch.Tensor:
     """[R, M, X] float64: per prediction depth (R: calls per micro-batch) and micro-batch, the
     LBL stats [c, s, T] and/or the dispatched load [c, T]. Calls come micro-batch by
     micro-batch, each with its R depths in slot order (reversed: lbl.RouterState.replayed)."""
@@ -188,7 +194,7 @@ def _microbatch_stats(state, has_lbl: bool, has_bias: bool) -> torch.Tensor:
         counts_CX = torch.stack([counts for counts, _ in state.microbatch_stats]).double()
         probs_sums_CE = torch.stack([probs_sum for _, probs_sum in state.microbatch_stats])
         parts += [counts_CX[:, :-1], probs_sums_CE.double(), counts_CX[:, -1:]]
-    if has_bias:
+    if has_load:
         parts.append(torch.stack(state.load_counts).double())
     stats_CX = torch.cat(parts, dim=-1)
     stats_RMX = stats_CX.view(-1, state.calls_per_microbatch, stats_CX.shape[-1]).transpose(0, 1)

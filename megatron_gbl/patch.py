@@ -5,6 +5,9 @@ Patched, each with its original kept in `_ORIGINALS`:
   and the expert load counted for the expert-bias update;
 - the TopKRouter method that computes upstream's own LBL (see compat.upstream_lbl_switch) and
   finalize_model_grads' expert-bias update: switched off so nothing is counted twice;
+- 0.19+: `TopKRouter.quantile_balancing` (quantile.route: the histograms of the scope) and
+  finalize_model_grads' quantile-balancing update, switched off (the plugin's runs at the
+  step's end);
 - 0.12-0.13 only: `TopKRouter._load_from_state_dict`, so a loaded expert bias stays fp32;
 - the three `forward_backward_*` schedules: start a step (reset the buffers) before running,
   finish it (apply the expert-bias updates) after. `get_forward_backward_func()` looks them up
@@ -24,7 +27,7 @@ import torch
 from megatron.core.pipeline_parallel import schedules
 from megatron.core.transformer.moe.router import TopKRouter
 
-from megatron_gbl import compat, steps
+from megatron_gbl import compat, quantile, steps
 from megatron_gbl.config import Settings, router_balancing
 from megatron_gbl.lbl import apply_scoped_lbl, record_expert_load
 
@@ -121,6 +124,9 @@ def _routing(original, self, logits, *args, **kwargs):
             raise RuntimeError(_NO_STEP_BOUNDARY.format(layer=compat.layer_index(self)))
         state.count_call()
         state.note_logits(logits)
+        if state.balancing.quantile_ema is not None:
+            quantile.note_call(self, state, phase, steps.sync_group(self, phase), logits,
+                               compat.padding_mask_from_call(args, kwargs))
     if state.bias is not None:
         state.bias.apply_pending(self.expert_bias)
     if not counting:
@@ -142,6 +148,13 @@ def _routing(original, self, logits, *args, **kwargs):
     return probs, routing_map
 
 
+def _quantile_balancing(original, self, logits):
+    phase = steps.phase()
+    if phase is None or not self.training:  # eval: upstream's own, with the step's bias
+        return original(self, logits)
+    return quantile.route(original, self, logits, phase.scope, steps.router_state(self))
+
+
 def _schedule(original, *args, **kwargs):
     if steps.settings() is None or kwargs.get("forward_only", False):
         return original(*args, **kwargs)
@@ -156,6 +169,11 @@ def _install() -> None:
     replace(TopKRouter, switch_name, lambda original: switch)
     owner, name, bias_switch = compat.upstream_bias_update_switch()
     replace(owner, name, lambda original: bias_switch)
+    if compat.has_quantile_balancing():
+        replace(TopKRouter, "quantile_balancing", lambda original: functools.wraps(original)(
+            lambda self, logits: _quantile_balancing(original, self, logits)))
+        owner, name, qb_switch = compat.upstream_qb_update_switch()
+        replace(owner, name, lambda original: qb_switch)
     fp32_on_load = compat.fp32_bias_on_load()
     if fp32_on_load is not None:
         replace(TopKRouter, *fp32_on_load)

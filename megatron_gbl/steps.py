@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.transformer.moe.router import TopKRouter
 
-from megatron_gbl import bias, comm, compat, metrics
+from megatron_gbl import bias, comm, compat, metrics, quantile
 from megatron_gbl.config import Settings, check_sync_group_size, device_groups, router_balancing
 from megatron_gbl.lbl import BalanceBSZ, RouterState, bias_groups
 
@@ -153,6 +153,8 @@ def finish_step(model: Model) -> None:
         bias.apply_step_update([router.expert_bias for router in biased],
                                [router._megatron_gbl.bias for router in biased], counts[0],
                                average_group)
+    if in_step and in_step[0]._megatron_gbl.balancing.quantile_ema is not None:
+        quantile.step_update(in_step, _PHASE, sync_group(in_step[0], _PHASE))
     metrics.log_lbl(in_step)
     for router in in_step:
         router._megatron_gbl.close_step()
@@ -161,13 +163,15 @@ def finish_step(model: Model) -> None:
 
 def undo_skipped_step() -> None:
     """The optimizer skipped the step finish_step ended (Megatron's grad scaler found inf or
-    NaN in its gradients, compat.optimizer_skip_hook): put every expert bias back where it
-    was before that step, as the optimizer leaves the weights. Its statistics stay logged, as
-    upstream's losses of a skipped step are."""
+    NaN in its gradients, compat.optimizer_skip_hook): put every expert bias (and quantile
+    balancing's bias) back where it was before that step, as the optimizer leaves the weights.
+    Its statistics stay logged, as upstream's losses of a skipped step are."""
     global _FINISHED
     for router in _FINISHED:
         if router._megatron_gbl.bias is not None:
             router._megatron_gbl.bias.restore_step_start(router.expert_bias)
+        if router._megatron_gbl.qb is not None:
+            quantile.undo_step(router)
     _FINISHED = []
 
 

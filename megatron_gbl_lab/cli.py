@@ -59,7 +59,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="comma-separated runs: LBL scopes micro, seq, dp, global, shuffle, "
                            "dp:N, global:N (N ranks per balance block); auxfree-micro, "
                            "auxfree-dp, auxfree-global (and :N): auxiliary-loss-free balancing "
-                           "(expert bias, no LBL) at that scope; dp/global(:N)+micro or "
+                           "(expert bias, no LBL) at that scope; qb-micro, qb-dp, qb-global (and "
+                           ":N): quantile balancing at that scope (Megatron-Core >= 0.19); "
+                           "dp/global(:N)+micro or "
                            "+micro=R: plus a micro-batch LBL at R (default 0.01) times the LBL "
                            "weight; A-then-B@S: A for the first S steps, then B, e.g. "
                            "micro-then-global@250 (default: %(default)s)")

@@ -2,7 +2,8 @@
 line checks its arguments before anything heavy is loaded).
 
 A run is a load-balancing scope or one of the paper's ablations: aux-free balancing at a scope,
-Shuffle LBL, a micro-batch LBL beside the global one, a scope switch.
+quantile balancing at a scope (Megatron-Core 0.19+), Shuffle LBL, a micro-batch LBL beside the
+global one, a scope switch.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
-from megatron_gbl.scopes import BIAS_SCOPES, DP_SYNC_SCOPES, SCOPES
+from megatron_gbl.scopes import BIAS_SCOPES, DP_SYNC_SCOPES, QUANTILE_SCOPES, SCOPES
 
 
 MIN_RANKS = 4
@@ -40,20 +41,27 @@ class DemoSettings:
     eval_checkpoints: int = 1    # held-out loss: the mean over this many last checkpoints
     device_groups: int = 4       # simulated expert-parallel devices (harness: token groups)
 
-    def model_overrides(self, aux_free: bool = False, bias_rate_factor: float = 1.0) -> dict:
+    def model_overrides(self, aux_free: bool = False, bias_rate_factor: float = 1.0,
+                        quantile: bool = False) -> dict:
         """harness.moe_config keyword arguments of the demo model (saved with it).
 
         LBL runs: softmax gating and the aux_loss LBL. `aux_free`: sigmoid gating with expert
         bias (rate expert_bias_update_rate x bias_rate_factor) and no LBL (auxiliary-loss-free
-        balancing, Wang et al. 2024). Both have the same parameters, so the same seed gives them
-        the same initial weights.
+        balancing, Wang et al. 2024). `quantile`: softmax gating, quantile balancing (Megatron-
+        Core 0.19's, EMA 0) and no LBL. All have the same parameters, so the same seed gives
+        them the same initial weights.
         """
-        balancing = (
-            dict(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
-                 moe_router_bias_update_rate=self.expert_bias_update_rate * bias_rate_factor,
-                 moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0)
-            if aux_free else
-            dict(moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=self.aux_loss_coeff))
+        if aux_free:
+            balancing = dict(
+                moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+                moe_router_bias_update_rate=self.expert_bias_update_rate * bias_rate_factor,
+                moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0)
+        elif quantile:
+            balancing = dict(moe_router_load_balancing_type="quantile_balancing",
+                             moe_aux_loss_coeff=0.0)
+        else:
+            balancing = dict(moe_router_load_balancing_type="aux_loss",
+                             moe_aux_loss_coeff=self.aux_loss_coeff)
         return dict(
             num_layers=self.num_layers, hidden_size=self.hidden_size, num_attention_heads=4,
             ffn_hidden_size=2 * self.hidden_size, moe_ffn_hidden_size=2 * self.hidden_size,
@@ -62,6 +70,7 @@ class DemoSettings:
 
 
 AUX_FREE_PREFIX = "auxfree-"
+QUANTILE_PREFIX = "qb-"
 SWITCH_WORD = "-then-"
 DEFAULT_MICRO_RATIO = 0.01  # paper Tab. 5: the micro-batch LBL at 1% of the main LBL's weight
 DEFAULT_DEVICE_RATIO = 1.0  # +device: the device-level LBL at the main LBL's weight
@@ -73,6 +82,7 @@ class ScopeSpec:
     means. Specs that differ only in their label are the same run.
 
     aux_free: auxiliary-loss-free balancing (expert bias, no LBL) at `scope`, instead of an LBL.
+    quantile: quantile balancing (its bias solved from the quantiles at `scope`, no LBL).
     micro_ratio: weight of an extra micro-batch LBL beside a dp/global one, as a fraction of
         the demo's aux_loss_coeff (0: none).
     switch_scope, switch_step: `switch_scope` takes over at training step `switch_step`
@@ -93,6 +103,7 @@ class ScopeSpec:
     switch_step: Optional[int] = None
     matched_updates: bool = False
     device_ratio: float = 0.0
+    quantile: bool = False
 
     @property
     def dirname(self) -> str:
@@ -104,6 +115,8 @@ class ScopeSpec:
         """The balancing method in words, e.g. "LBL + 1% micro", "aux-free, micro→global@250"."""
         if self.aux_free:
             method = "aux-free, rate u/M" if self.matched_updates else "aux-free"
+        elif self.quantile:
+            method = "quantile"
         elif self.scope == "shuffle" and self.switch_scope is None:
             method = "shuffle LBL"
         else:
@@ -118,7 +131,7 @@ class ScopeSpec:
 
     def model_overrides(self, settings: DemoSettings) -> dict:
         bias_rate_factor = 1 / settings.microbatches if self.matched_updates else 1.0
-        return settings.model_overrides(self.aux_free, bias_rate_factor)
+        return settings.model_overrides(self.aux_free, bias_rate_factor, self.quantile)
 
     def enable_arguments(self, settings: DemoSettings) -> dict:
         """megatron_gbl.enable's keyword arguments besides the scope and the model."""
@@ -141,14 +154,16 @@ def scopes_usage(ranks: int) -> str:
         "use a comma-separated list of runs, each one of: micro, seq, dp, global, shuffle, dp:N, "
         f"global:N (LBL scopes; N ranks per balance block, dividing --ranks {ranks}); "
         "auxfree-micro, auxfree-dp, auxfree-global, auxfree-dp:N, auxfree-global:N "
-        "(auxiliary-loss-free balancing at that scope, no LBL); auxfree-micro+matched, "
+        "(auxiliary-loss-free balancing at that scope, no LBL); qb-micro, qb-dp, qb-global, "
+        "qb-dp:N, qb-global:N (quantile balancing at that scope, Megatron-Core >= 0.19); "
+        "auxfree-micro+matched, "
         "auxfree-dp+matched, auxfree-dp:N+matched (the bias rate divided by --microbatches: "
         "per step, as far as auxfree-global's one update); dp, global, dp:N or global:N "
         "followed by +micro or +micro=R (plus a micro-batch LBL at R times the LBL weight, "
         f"default {DEFAULT_MICRO_RATIO:g}); an LBL scope followed by +device or +device=R (plus "
         "the device-level LBL over the --device-groups simulated devices at R times the LBL "
         f"weight, default {DEFAULT_DEVICE_RATIO:g}); A-then-B@S (A for the first S steps, 1 <= S < "
-        "--steps, then B; both LBL runs or both auxfree-), e.g. --scopes "
+        "--steps, then B; both LBL runs, both auxfree- or both qb-), e.g. --scopes "
         "micro,global,auxfree-global,shuffle,global+micro,micro-then-global@250"
     )
 
@@ -190,10 +205,10 @@ def _switch(first: ScopeSpec, then: ScopeSpec, switch_step: int, label: str,
             usage: str) -> ScopeSpec:
     """A-then-B@S as one spec: the plugin keeps one :N and one +micro for both halves, in force
     while the scope is dp or global."""
-    if first.aux_free != then.aux_free:
+    if (first.aux_free, first.quantile) != (then.aux_free, then.quantile):
         raise ValueError(
-            f"--scopes: {label!r} switches between an LBL and aux-free balancing, which need "
-            "different routers; make both halves LBL scopes or both auxfree- scopes, e.g. "
+            f"--scopes: {label!r} switches between balancing methods (LBL, auxfree-, qb-), which "
+            "need different routers; give both halves the same method, e.g. "
             f"micro-then-global@{switch_step} or auxfree-micro-then-auxfree-global@{switch_step}; "
             f"{usage}")
     if first.matched_updates or then.matched_updates:
@@ -212,18 +227,31 @@ def _switch(first: ScopeSpec, then: ScopeSpec, switch_step: int, label: str,
             f"has a single :N and +micro for both; give them the same :N and +micro; {usage}")
     dp_options = synced[0] if synced else first
     return ScopeSpec(label, first.scope, dp_options.sync_group_size, first.aux_free,
-                     dp_options.micro_ratio, then.scope, switch_step)
+                     dp_options.micro_ratio, then.scope, switch_step, quantile=first.quantile)
 
 
 def _parse_phase(text: str, label: str, ranks: int, usage: str) -> ScopeSpec:
-    """[auxfree-]SCOPE[:N][+micro[=R] | +device[=R] | +matched], the whole run `label` or one
-    half of its switch."""
+    """[auxfree-|qb-]SCOPE[:N][+micro[=R] | +device[=R] | +matched], the whole run `label` or
+    one half of its switch."""
     base, plus, addition = text.partition("+")
     aux_free = base.startswith(AUX_FREE_PREFIX)
-    name, colon, size = base.removeprefix(AUX_FREE_PREFIX).partition(":")
+    quantile = base.startswith(QUANTILE_PREFIX)
+    name, colon, size = base.removeprefix(AUX_FREE_PREFIX).removeprefix(
+        QUANTILE_PREFIX).partition(":")
     if name not in SCOPES:
         where = "" if name == label else f" in {label!r}"
         raise ValueError(f"--scopes: unknown scope {name!r}{where}; {usage}")
+    if quantile:
+        if name not in QUANTILE_SCOPES:
+            raise ValueError(
+                f"--scopes: {label!r}: quantile balancing solves its bias from the quantiles of "
+                f"a micro-batch, a data-parallel micro-batch or the global batch, which {name} is "
+                f"not; use qb-micro, qb-dp or qb-global; {usage}")
+        if plus:
+            raise ValueError(f"--scopes: {label!r}: qb- runs take no additions (they have no "
+                             f"LBL and no expert-bias rate); drop '+{addition}'; {usage}")
+        sync_group_size = _sync_group_size(size, name, label, ranks, usage) if colon else None
+        return ScopeSpec(label, name, sync_group_size, quantile=True)
     if aux_free and name not in BIAS_SCOPES:
         raise ValueError(
             f"--scopes: {label!r}: aux-free balancing updates the expert bias from the expert "

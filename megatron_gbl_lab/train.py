@@ -130,8 +130,9 @@ def checkpoint_average(heldout: list[dict], domains: list[str]) -> dict:
 
 def curve_metrics(spec: ScopeSpec) -> dict:
     """Training curve -> step_metrics name, for the values the run's routers have: the load
-    violations always, the micro/global-batch LBL only with an LBL (not aux-free)."""
-    present = metrics.names(has_lbl=not spec.aux_free, has_expert_bias=spec.aux_free)
+    violations always, the micro/global-batch LBL only with an LBL (not aux-free or qb-)."""
+    present = metrics.names(has_lbl=not (spec.aux_free or spec.quantile),
+                            has_expert_bias=spec.aux_free)
     return {curve: metric for curve, metric in CURVE_METRICS.items() if metric in present}
 
 

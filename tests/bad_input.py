@@ -29,13 +29,6 @@ MEGATRON_LM = {
     "no MoE layers": (dict(num_experts=None), ["--num-experts", "--moe-lbl-scope"]),
     "sinkhorn": (dict(moe_router_load_balancing_type="sinkhorn"),
                  ["'sinkhorn'", "--moe-router-load-balancing-type"]),
-    "quantile_balancing": (dict(moe_router_load_balancing_type="quantile_balancing",
-                                moe_aux_loss_coeff=0.0),
-                           ["'quantile_balancing'", "--moe-router-load-balancing-type",
-                            "aux_loss", "--moe-lbl-scope"]),
-    "quantile_balancing beside expert bias": (
-        dict(AUX_FREE, moe_router_load_balancing_type="quantile_balancing"),
-        ["'quantile_balancing'", "--moe-router-load-balancing-type"]),
     "none": (dict(moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0),
              ["'none'", "--moe-router-load-balancing-type", "--moe-router-enable-expert-bias"]),
     "coeff 0": (dict(moe_aux_loss_coeff=0.0), ["--moe-aux-loss-coeff", "> 0"]),
@@ -158,11 +151,6 @@ PYTHON_API = {
     "sinkhorn model": (dict(scope="global"),
                        dict(moe_router_load_balancing_type="sinkhorn", moe_aux_loss_coeff=0.0),
                        ["moe_router_load_balancing_type='sinkhorn'", "aux_loss"]),
-    "quantile_balancing model": (dict(scope="global"),
-                                 dict(moe_router_load_balancing_type="quantile_balancing",
-                                      moe_aux_loss_coeff=0.0),
-                                 ["moe_router_load_balancing_type='quantile_balancing'",
-                                  "aux_loss"]),
     "model without balancing": (dict(scope="global"),
                                 dict(moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0),
                                 ["moe_router_load_balancing_type='none'",
@@ -197,6 +185,53 @@ PYTHON_API = {
     "model with CUDA graphs of whole layers": (
         dict(scope="micro"), dict(cuda_graph_impl="local"),
         ["cuda_graph_impl='local'", "whole layers", "--cuda-graph-impl none"]),
+}
+
+# Quantile balancing (Megatron-Core 0.19+): the same forms, checked where the release has it.
+QB = dict(moe_router_load_balancing_type="quantile_balancing", moe_aux_loss_coeff=0.0)
+QUANTILE_MEGATRON_LM = {
+    "quantile balancing with an aux-loss coefficient": (
+        dict(QB, moe_aux_loss_coeff=1e-3), ["--moe-aux-loss-coeff", "must be 0"]),
+    "quantile balancing beside an LBL": (
+        dict(moe_router_load_balancing_type=["quantile_balancing", "aux_loss"],
+             moe_aux_loss_coeff=[0.0, 1e-3]),
+        ["--moe-router-load-balancing-type", "single string", "alone"]),
+    "quantile balancing beside expert bias": (
+        dict(AUX_FREE, **QB), ["--moe-router-enable-expert-bias", "second per-expert bias"]),
+    "quantile balancing with router fusion": (
+        dict(QB, moe_router_fusion=True), ["--moe-router-fusion"]),
+    "quantile balancing with group-limited routing": (
+        dict(QB, moe_router_num_groups=2, moe_router_group_topk=1),
+        ["--moe-router-num-groups", "--moe-router-group-topk"]),
+    "quantile balancing EMA above 1": (
+        dict(QB, moe_router_quantile_balancing_ema=1.5),
+        ["--moe-router-quantile-balancing-ema", "[0, 1]"]),
+    "quantile balancing with N K not a multiple of E": (
+        dict(QB, micro_batch_size=1, seq_length=3, moe_router_topk=2),
+        ["--micro-batch-size", "--seq-length", "N = 3", "E = 8"]),
+    "quantile balancing at seq scope": (
+        dict(QB, moe_lbl_scope="seq"), ["'seq'", "micro, dp, global"]),
+    "quantile balancing switching to shuffle": (
+        dict(QB, moe_lbl_scope="micro", moe_lbl_switch_scope="shuffle",
+             moe_lbl_switch_iteration=5), ["'shuffle'", "--moe-lbl-switch-scope"]),
+    "quantile balancing with a micro-batch LBL": (
+        dict(QB, moe_lbl_micro_coeff=1e-4), ["--moe-lbl-micro-coeff", "no LBL"]),
+}
+QUANTILE_PYTHON_API = {
+    "quantile balancing at shuffle": (dict(scope="shuffle"), QB,
+                                      ["'shuffle'", "micro, dp, global"]),
+    "quantile balancing with device_coeff": (dict(scope="global", device_coeff=1e-3), QB,
+                                             ["device_coeff", "no LBL"]),
+    "quantile balancing as a one-element list": (
+        dict(scope="global"), dict(QB, moe_router_load_balancing_type=["quantile_balancing"],
+                                   moe_aux_loss_coeff=[0.0]),
+        ["['quantile_balancing']", "single string"]),
+}
+# case: fragments; the messages come from workers.quantile_bad_input_messages (1 gloo rank)
+QUANTILE_RUNTIME = {
+    "a padding mask": ["padding_mask", "quantile balancing", "without padding_mask"],
+    "a micro-batch with N K not a multiple of E": ["N = 3 tokens", "not a multiple of E = 8",
+                                                   "--micro-batch-size"],
 }
 
 # case: (arguments of `python -m megatron_gbl.launch`, fragments the message must contain)
@@ -240,7 +275,7 @@ def megatron_lm_message(case: str) -> str:
     from megatron_gbl import megatron_lm
 
     try:
-        megatron_lm.configure(megatron_lm_args(MEGATRON_LM[case][0]))
+        megatron_lm.configure(megatron_lm_args({**MEGATRON_LM, **QUANTILE_MEGATRON_LM}[case][0]))
     except ValueError as error:
         return str(error)
     finally:
@@ -253,7 +288,7 @@ def python_api_message(case: str) -> str:
     from megatron_gbl.config import Settings, router_balancing
     from megatron_gbl_lab.harness import moe_config
 
-    kwargs, overrides, _ = PYTHON_API[case]
+    kwargs, overrides, _ = {**PYTHON_API, **QUANTILE_PYTHON_API}[case]
     try:
         settings = Settings(**kwargs)
         if overrides is not None:
@@ -305,7 +340,13 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def render(runtime_messages: dict) -> str:
+def has_quantile_balancing() -> bool:
+    from megatron_gbl import compat
+
+    return compat.has_quantile_balancing()
+
+
+def render(runtime_messages: dict, quantile_runtime_messages: dict) -> str:
     lines = [
         "# Bad input: what megatron-gbl rejects, and the message",
         "",
@@ -346,6 +387,19 @@ def render(runtime_messages: dict) -> str:
               "| # | situation | message |", "|---|---|---|"]
     for i, case in enumerate(RUNTIME, 1):
         lines.append(f"| {i} | {case} | {_cell(runtime_messages[case])} |")
+    lines += ["", "## Quantile balancing", "",
+              "Megatron-Core 0.19's `quantile_balancing` at a scope (megatron_gbl.quantile) keeps "
+              "upstream's constraints, each with a message. On 0.12-0.18 (no quantile "
+              "balancing) the message names the installed release (tests/test_quantile.py).", "",
+              "| # | misconfiguration | flags, call or situation | message |", "|---|---|---|---|"]
+    rows = [(case, _flags(overrides), megatron_lm_message(case))
+            for case, (overrides, _) in QUANTILE_MEGATRON_LM.items()]
+    rows += [(case, _call(kwargs, overrides), python_api_message(case))
+             for case, (kwargs, overrides, _) in QUANTILE_PYTHON_API.items()]
+    rows += [(case, "first training call", quantile_runtime_messages[case])
+             for case in QUANTILE_RUNTIME]
+    for i, (case, given, message) in enumerate(rows, 1):
+        lines.append(f"| {i} | {case} | {given} | {_cell(message)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -357,7 +411,8 @@ def main() -> None:
     from megatron_gbl_lab.harness import run_gloo
 
     runtime_messages = run_gloo(workers.bad_input_messages, 4)[0]
-    sys.stdout.write(render(runtime_messages))
+    quantile_runtime_messages = run_gloo(workers.quantile_bad_input_messages, 1)[0]
+    sys.stdout.write(render(runtime_messages, quantile_runtime_messages))
 
 
 if __name__ == "__main__":

@@ -249,10 +249,10 @@ def cell(fault: str, layout: dict, rank: int, marks: str):
 
 
 def fp16_nan_logits_run(rank: int, world_size: int, spec: dict) -> dict:
-    """fp16 training at spec["scope"] with NaN router input in MoE layer 2 on rank 0 at the
-    fault step: whether Megatron's optimizer applied each step, and every router's expert bias
-    after each."""
-    chunks, optimizer = build({}, "fp16")
+    """fp16 training at spec["scope"] (spec["config"]: the model's balancing, default an LBL
+    and expert bias) with NaN router input in MoE layer 2 on rank 0 at the fault step: whether
+    Megatron's optimizer applied each step, and every router's bias after each."""
+    chunks, optimizer = build({}, "fp16", config=spec.get("config", LBL_AND_BIAS))
     megatron_gbl.enable(spec["scope"], model=chunks)
     routers = routers_of(chunks)
     poisoned = [False]
@@ -262,7 +262,7 @@ def fp16_nan_logits_run(rank: int, world_size: int, spec: dict) -> dict:
     for step in range(STEPS + 1):
         poisoned[0] = step == FAULT_STEP and rank == 0
         applied.append(train_step(chunks, optimizer, step))
-        biases.append([router.expert_bias.clone() for router in routers])
+        biases.append([workers.balancing_bias(router).clone() for router in routers])
     megatron_gbl.disable()
     return {"applied": applied, "biases": biases}
 

@@ -44,7 +44,11 @@ def layout_steps(rank: int, world_size: int, spec: dict) -> dict:
     gradient), grad_scale (the loss scaler's factor), isolate_routers (the experts' output
     weights 0: no layer's output then depends on its routing probabilities, so a router's
     gradient is its own layer's LBL gradient, all a reference of one layer computes),
-    all_grads (also return every parameter's gradient by global name).
+    all_grads (also return every parameter's gradient by global name), domains (each
+    data-parallel replica's tokens from its own 1 / DP of the vocabulary: domain-pure
+    micro-batches), metrics (return megatron_gbl.step_metrics after each step). With quantile
+    balancing (Megatron-Core 0.19+) each MoE layer also returns its bias after the step and, per
+    training call, its fp32 logits [T, E] and routing map.
     """
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -64,6 +68,8 @@ def layout_steps(rank: int, world_size: int, spec: dict) -> dict:
     for chunk in chunks:
         _set_from_global_names(chunk, spec.get("isolate_routers", False))
     inputs = _record_router_inputs(chunks)
+    quantile_balancing = config.moe_router_load_balancing_type == "quantile_balancing"
+    calls = _record_quantile_calls(chunks) if quantile_balancing else {}
     grad_scale = spec.get("grad_scale", 1.0)
     model = harness.wrap_megatron_ddp(chunks, grad_scale=grad_scale)
     names = {param: name for chunk in chunks for name, param in _global_names(chunk).items()}
@@ -80,7 +86,7 @@ def layout_steps(rank: int, world_size: int, spec: dict) -> dict:
             megatron_gbl.enable(scope, model=model, **settings)
         for chunk in model:
             chunk.zero_grad_buffer()
-        for recorded in inputs.values():
+        for recorded in [*inputs.values(), *calls.values()]:
             recorded.clear()
         get_forward_backward_func()(
             forward_step_func=functools.partial(_forward_step, spec),
@@ -91,14 +97,19 @@ def layout_steps(rank: int, world_size: int, spec: dict) -> dict:
             num_microbatches=spec["microbatches"],
             seq_length=spec["seq"] // parallel_state.get_context_parallel_world_size(),
             micro_batch_size=spec["bsz"], forward_only=False)
-        routers = {router.layer_number: router for router in _routers(chunks)}
-        result = {"token_group": token_group, "routers": {
+        routers = {compat.layer_index(router): router for router in _routers(chunks)}
+        result = {"token_group": token_group,
+                  "replica": parallel_state.get_data_parallel_rank(), "routers": {
             layer: {"grad": router.weight.main_grad.detach().double() / grad_scale,
                     "weight": router.weight.detach().clone(),
                     "inputs": list(inputs[layer]),
                     "expert_bias": None if router.expert_bias is None
-                    else router.expert_bias.detach().clone()}
+                    else router.expert_bias.detach().clone(),
+                    **({"qb_beta": compat.qb_bias(router).detach().clone(),
+                        "calls": list(calls[layer])} if quantile_balancing else {})}
             for layer, router in routers.items()}}
+        if spec.get("metrics") and scope is not None:
+            result["metrics"] = megatron_gbl.step_metrics(model)
         if spec.get("all_grads"):
             result["grads"] = {names[param]: param.main_grad.detach().clone() / grad_scale
                                for chunk in chunks for param in chunk.parameters()}
@@ -170,13 +181,33 @@ def _global_batch(spec, parallel_state) -> list:
         spec["seq"], cp_size, parallel_state.get_context_parallel_rank())
     dp_size = parallel_state.get_data_parallel_world_size()
     dp_rank = parallel_state.get_data_parallel_rank()
+    # Domain-pure: replica r draws from its own 1 / DP of the vocabulary.
+    span = VOCAB // dp_size if spec.get("domains") else VOCAB
     steps = []
     for step in range(len(spec["steps"])):
         gen = torch.Generator().manual_seed(step)
-        tokens = [[torch.randint(0, VOCAB, (spec["bsz"], spec["seq"]), generator=gen)
-                   for _ in range(dp_size)] for _ in range(spec["microbatches"])]
+        tokens = [[torch.randint(0, span, (spec["bsz"], spec["seq"]), generator=gen)
+                   + (replica * span if spec.get("domains") else 0)
+                   for replica in range(dp_size)] for _ in range(spec["microbatches"])]
         steps.append([(replicas[dp_rank][:, positions], positions) for replicas in tokens])
     return steps
+
+
+def _record_quantile_calls(chunks) -> dict:
+    """layer number -> (fp32 logits [T, E], routing map [T, E]) of each training call of its
+    router's quantile_balancing, upstream's or the plugin's (looked up at call time)."""
+    calls = {}
+    for router in _routers(chunks):
+        recorded = calls.setdefault(compat.layer_index(router), [])
+
+        def quantile_balancing(logits, router=router, recorded=recorded):
+            probs, routing_map = type(router).quantile_balancing(router, logits)
+            if router.training and torch.is_grad_enabled():
+                recorded.append((logits.detach().float().clone(), routing_map.clone()))
+            return probs, routing_map
+
+        router.quantile_balancing = quantile_balancing
+    return calls
 
 
 def _routers(chunks) -> list:
@@ -187,7 +218,7 @@ def _record_router_inputs(chunks) -> dict:
     """layer number -> the inputs [S, B, H] of the router's training calls, in call order."""
     inputs = {}
     for router in _routers(chunks):
-        recorded = inputs.setdefault(router.layer_number, [])
+        recorded = inputs.setdefault(compat.layer_index(router), [])
         router.register_forward_pre_hook(
             lambda module, args, recorded=recorded:
             recorded.append(args[0].detach().clone()) if torch.is_grad_enabled() else None)

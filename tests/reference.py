@@ -196,3 +196,31 @@ def device_load_violation(weight_EH, hidden, token_groups, topk: int,
             violations.append(float(load_D.max() / load_D.mean() - 1))
         per_rank.update(dict.fromkeys(group, sum(violations) / len(violations)))
     return per_rank
+
+
+def quantile_dual_step(scores_NE: torch.Tensor, beta_E: torch.Tensor, topk: int):
+    """One dual step of quantile balancing on N tokens, by sorting (no top-k, no Megatron):
+    (routing map bool [N, E], q [E]) in the scores' dtype.
+
+        alpha_t = (K+1)-th largest_e (s_te - beta_e)        the token's dual
+        q_e     = (C+1)-th largest_t (s_te - alpha_t),       C = N K / E
+    """
+    num_tokens, num_experts = scores_NE.shape
+    assert num_tokens * topk % num_experts == 0
+    shifted_NE = scores_NE - beta_E
+    order_NE = shifted_NE.sort(dim=1, descending=True)
+    map_NE = torch.zeros_like(scores_NE, dtype=torch.bool).scatter(
+        1, order_NE.indices[:, :topk], True)
+    alpha_N1 = order_NE.values[:, topk:topk + 1]
+    capacity = num_tokens * topk // num_experts
+    return map_NE, (scores_NE - alpha_N1).sort(dim=0, descending=True).values[capacity]
+
+
+def quantile_bias(beta_E: torch.Tensor, token_sets, topk: int, ema: float = 0.0):
+    """The bias after one step of quantile balancing: ema * beta + (1 - ema) * the mean over
+    `token_sets` (lists of score tensors [n, E], each set one token set of the dual step) of
+    q, minus its mean over experts. float64 [E]."""
+    quantiles = [quantile_dual_step(torch.cat(scores).double(), beta_E.double(), topk)[1]
+                 for scores in token_sets]
+    new_E = ema * beta_E.double() + (1 - ema) * torch.stack(quantiles).mean(0)
+    return new_E - new_E.mean()

@@ -242,6 +242,12 @@ ABLATIONS = {
     "global+device": ("global+device", "LBL + 100% device", "global", dict(device_coeff=1e-2)),
     "micro+device=0.3": ("micro+device=0.3", "LBL + 30% device", "micro",
                          dict(device_coeff=3e-3)),
+    "qb-micro": ("qb-micro", "quantile", "micro", {}),
+    "qb-dp:2": ("qb-dp-2", "quantile", "dp", dict(sync_group_size=2)),
+    "qb-global": ("qb-global", "quantile", "global", {}),
+    "qb-micro-then-qb-global:2@3": ("qb-micro-then-qb-global-2@3", "quantile, micro→global@3",
+                                    "micro", dict(switch_scope="global", switch_iteration=3,
+                                                  sync_group_size=2)),
 }
 
 
@@ -264,6 +270,9 @@ def test_parse_scopes_ablations():
             assert overrides["moe_router_bias_update_rate"] == settings.expert_bias_update_rate
             assert (overrides["moe_router_load_balancing_type"],
                     overrides["moe_aux_loss_coeff"]) == ("none", 0.0)
+        elif spec.label.startswith("qb-"):
+            assert (overrides["moe_router_load_balancing_type"],
+                    overrides["moe_aux_loss_coeff"]) == ("quantile_balancing", 0.0)
         else:
             assert (overrides["moe_router_load_balancing_type"],
                     overrides["moe_aux_loss_coeff"]) == ("aux_loss", settings.aux_loss_coeff)
@@ -296,7 +305,14 @@ def test_parse_scopes_ablations():
     ("micro-then-global@0", "1 <= S < --steps 10"),
     ("micro-then-global@10", "1 <= S < --steps 10"),
     ("micro-then-global@x", "1 <= S < --steps 10"),
-    ("micro-then-auxfree-global@3", "both halves LBL scopes or both auxfree- scopes"),
+    ("micro-then-auxfree-global@3", "give both halves the same method"),
+    ("qb-micro-then-global@3", "give both halves the same method"),
+    ("qb-seq", "use qb-micro, qb-dp or qb-global"),
+    ("qb-shuffle", "use qb-micro, qb-dp or qb-global"),
+    ("qb-micro:2", "only dp and global take :N"),
+    ("qb-global:3", "does not divide --ranks 4"),
+    ("qb-global+micro", "qb- runs take no additions"),
+    ("qb-dp+device", "qb- runs take no additions"),
     ("global-then-global@3", "switches from global to global"),
     ("dp:2-then-global@3", "give them the same :N and +micro"),
     ("dp+micro-then-global@3", "give them the same :N and +micro"),

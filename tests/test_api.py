@@ -61,3 +61,34 @@ def test_errors_in_a_real_data_parallel_run():
     for case, words in bad_input.RUNTIME.items():
         assert all(word in messages[case] for word in words), (case, messages[case])
         assert bad_input._cell(messages[case]) in doc, f"{case}: docs/bad_input.md is stale"
+
+
+def test_quantile_balancing_on_a_release_without_it(monkeypatch):
+    """0.12-0.18 have no quantile balancing: the message names the installed release (here
+    simulated on releases that have it: compat decides by the feature, not the version)."""
+    from megatron_gbl import compat, megatron_lm
+
+    if compat.has_quantile_balancing():
+        monkeypatch.setattr(compat, "has_quantile_balancing", lambda: False)
+    with pytest.raises(ValueError) as error:
+        megatron_lm.configure(bad_input.megatron_lm_args(bad_input.QB))
+    message = str(error.value)
+    assert f"this is megatron-core {compat.megatron_core_release()}" in message, message
+    assert "needs Megatron-Core 0.19 or later" in message, message
+    import megatron_gbl
+
+    assert not megatron_gbl.is_enabled()
+
+
+def test_quantile_balancing_that_estimates_on_the_global_batch_itself(monkeypatch):
+    """Megatron-LM dev's quantile balancing (PR #6637: its own global-batch histogram, other
+    hooks than 0.19's) is not rescoped: the message names its option (simulated: the feature
+    is detected by the config field)."""
+    from megatron_gbl import compat, megatron_lm
+
+    monkeypatch.setattr(compat, "has_quantile_balancing", lambda: False)
+    monkeypatch.setattr(compat, "has_own_global_quantile_balancing", lambda: True)
+    with pytest.raises(ValueError) as error:
+        megatron_lm.configure(bad_input.megatron_lm_args(bad_input.QB))
+    assert "--moe-router-quantile-balancing-estimation-scope" in str(error.value)
+    assert "drop --moe-lbl-scope" in str(error.value)

@@ -31,6 +31,40 @@ def test_launcher(case):
         assert fragment in message, (case, message)
 
 
+needs_quantile_balancing = pytest.mark.skipif(
+    not bad_input.has_quantile_balancing(), reason="quantile balancing needs megatron-core>=0.19")
+
+
+@needs_quantile_balancing
+@pytest.mark.parametrize("case", list(bad_input.QUANTILE_MEGATRON_LM))
+def test_quantile_balancing_megatron_lm_flags(case):
+    message = bad_input.megatron_lm_message(case)
+    for fragment in bad_input.QUANTILE_MEGATRON_LM[case][1]:
+        assert fragment in message, (case, message)
+
+
+@needs_quantile_balancing
+@pytest.mark.parametrize("case", list(bad_input.QUANTILE_PYTHON_API))
+def test_quantile_balancing_python_api(case):
+    message = bad_input.python_api_message(case)
+    for fragment in bad_input.QUANTILE_PYTHON_API[case][2]:
+        assert fragment in message, (case, message)
+
+
+@needs_quantile_balancing
+def test_quantile_balancing_at_the_first_training_call():
+    import workers
+    from megatron_gbl_lab.harness import run_gloo
+
+    messages = run_gloo(workers.quantile_bad_input_messages, 1)[0]
+    assert messages.keys() == bad_input.QUANTILE_RUNTIME.keys()
+    with open(DOC) as f:
+        doc = f.read()
+    for case, words in bad_input.QUANTILE_RUNTIME.items():
+        assert all(word in messages[case] for word in words), (case, messages[case])
+        assert bad_input._cell(messages[case]) in doc, f"{case}: docs/bad_input.md is stale"
+
+
 def test_python_api_enable_rejects_and_leaves_upstream_untouched():
     import megatron_gbl
 
@@ -51,4 +85,10 @@ def test_doc_table_is_current():
               if bad_input._cell(bad_input.python_api_message(case)) not in doc]
     stale += [case for case in bad_input.LAUNCHER
               if bad_input._cell(bad_input.launcher_message(case)) not in doc]
+    if bad_input.has_quantile_balancing():
+        stale += [case for case in bad_input.QUANTILE_MEGATRON_LM
+                  if bad_input._cell(bad_input.megatron_lm_message(case)) not in doc]
+        stale += [case for case in bad_input.QUANTILE_PYTHON_API
+                  if bad_input._cell(bad_input.python_api_message(case)) not in doc]
     assert not stale, f"docs/bad_input.md is stale for {stale}: python tests/bad_input.py > docs/bad_input.md"
+

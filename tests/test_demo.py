@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+from megatron_gbl import compat
 from megatron_gbl_lab import cli, harness, model, runs
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -30,6 +31,10 @@ BALANCE_SEQUENCES = {
     "global+device": GLOBAL_BATCH,
 }
 AUX_FREE_RUNS = ("auxfree-micro", "auxfree-dp:2", "auxfree-global", "auxfree-micro+matched")
+QUANTILE_RUNS = ("qb-micro", "qb-global", "qb-micro-then-qb-global@2")  # Megatron-Core 0.19+
+if compat.has_quantile_balancing():
+    BALANCE_SEQUENCES.update({"qb-micro": MICRO_BATCH_SIZE, "qb-global": GLOBAL_BATCH,
+                              "qb-micro-then-qb-global@2": GLOBAL_BATCH})
 
 
 def test_demo_then_analyze(tmp_path, capsys):
@@ -68,12 +73,15 @@ def test_demo_then_analyze(tmp_path, capsys):
     for label in ("global+micro", "micro-then-global@2", "global+device"):
         assert runs[label]["heldout_loss"] != runs["global"]["heldout_loss"], label
     assert runs["global+device"]["method"] == "LBL + 100% device"
+    if "qb-micro" in runs:  # the switch arrived: after 2 qb-micro steps, one at global
+        assert runs["qb-micro-then-qb-global@2"]["heldout_loss"] != runs["qb-micro"]["heldout_loss"]
+        assert runs["qb-global"]["method"] == "quantile"
     lbl_curves = {"micro_lbl", "global_lbl"}
     for label, run in runs.items():
         curves = run["train_curves"]
         assert set(curves) == {"loss", "micro_load_violation", "global_load_violation",
                                "micro_device_load_violation"} | (
-            set() if label in AUX_FREE_RUNS else lbl_curves), label
+            set() if label in AUX_FREE_RUNS + QUANTILE_RUNS else lbl_curves), label
         assert all(len(curve) == 3 for curve in curves.values())
         # 4 simulated devices of 2 experts: max / mean - 1 is at most 4 - 1.
         assert all(0 <= value <= 3 for value in curves["micro_device_load_violation"])
@@ -104,12 +112,19 @@ def test_demo_then_analyze(tmp_path, capsys):
                                 weights_only=False)["state_dict"]
         biases = [value for key, value in state_dict.items()
                   if key.endswith("mlp.router.expert_bias")]
+        quantile_biases = [value for key, value in state_dict.items()
+                           if key.endswith("mlp.router.qb_beta")]
         if label in AUX_FREE_RUNS:
             # Every layer's expert bias moved away from its initial zeros during training.
             assert len(biases) == results["settings"]["num_layers"]
             assert all(bias.abs().max() > 0 for bias in biases), label
         else:
             assert biases == [], label
+        if label in QUANTILE_RUNS:  # the same for quantile balancing's bias
+            assert len(quantile_biases) == results["settings"]["num_layers"]
+            assert all(bias.abs().max() > 0 for bias in quantile_biases), label
+        else:
+            assert quantile_biases == [], label
     for path in results["files"].values():
         assert_png(path)
     # The built-in corpus is written out so `analyze` can read the same held-out text.

@@ -27,7 +27,7 @@ import bad_input
 import megatron_gbl
 import workers
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron_gbl import megatron_lm, metrics
+from megatron_gbl import compat, megatron_lm, metrics, quantile
 from megatron_gbl_lab import harness
 
 
@@ -265,7 +265,6 @@ def test_pipeline_stage_without_moe_layers(tmp_path, moe_layer_freq, moe_layer):
         assert histogram.num == sum(histogram.bucket) == 4 * 8 * 2  # tokens x top-2
 
 
-
 @pytest.mark.skipif(not (REAL_LOOP and "mtp_use_repeated_layer" in str(
     inspect.signature(TransformerConfig))), reason="a repeated MTP layer through Megatron-LM's "
     "own loop (megatron.training of megatron-core >= 0.17)")
@@ -279,3 +278,18 @@ def test_logging_with_a_repeated_mtp_layer(tmp_path):
         assert len(mtp[name]) == 2, name
         for layer in range(4):
             assert len(mtp[f"moe/{name}_layer_{layer}"]) == 2, (name, layer)
+
+
+@pytest.mark.skipif(not REAL_LOOP or not compat.has_quantile_balancing(),
+                    reason="quantile balancing needs megatron-core>=0.19 (its own training loop)")
+def test_launcher_quantile_balancing_at_global_scope(tmp_path):
+    """Megatron-LM's loop (finalize_model_grads, the optimizer) with quantile balancing at
+    global scope: the plugin's update replaces upstream's, and its metrics reach TensorBoard."""
+    qb = ["--moe-router-load-balancing-type", "quantile_balancing", "--moe-aux-loss-coeff", "0"]
+    scalars, _ = run_training(tmp_path, "qb", [*qb, "--moe-lbl-scope", "global",
+                                               "--moe-router-quantile-balancing-ema", "0.5"], 16)
+    assert set(metrics.names(False, False, has_quantile=True)) <= set(scalars)
+    assert not {"load_balancing_loss", metrics.MICRO_LBL} & set(scalars)
+    assert all(std > 0 for std in scalars[quantile.QB_BIAS_STD])  # updated every step
+    assert scalars["balance_bsz_tokens"] == [16 * 8] * 2  # the global batch
+    assert scalars[quantile.CLAMPED_QUANTILES] == [0.0, 0.0]

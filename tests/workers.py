@@ -339,6 +339,28 @@ def bad_input_messages(rank: int, world_size: int) -> dict:
     return messages
 
 
+def quantile_bad_input_messages(rank: int, world_size: int) -> dict:
+    """The errors quantile balancing gets at its first training call (Megatron-Core 0.19+)."""
+    harness.init_model_parallel()
+    model = harness.build_gpt_moe(harness.moe_config(
+        moe_router_load_balancing_type="quantile_balancing", moe_aux_loss_coeff=0.0))
+    router = harness.routers_of(model)[0]
+    messages = {}
+    for case, (shape, padding_mask) in {  # [S, B] of the router input; 8 experts, top-2
+            "a padding mask": ((4, 2), torch.zeros(4, 2, dtype=torch.bool)),
+            "a micro-batch with N K not a multiple of E": ((3, 1), None)}.items():
+        megatron_gbl.enable("global", model=model)
+        megatron_gbl.start_step(model, num_microbatches=1)
+        try:
+            router(torch.randn(*shape, model.config.hidden_size), padding_mask)
+        except ValueError as error:
+            messages[case] = str(error)
+        finally:
+            megatron_gbl.disable()
+    harness.destroy_model_parallel()
+    return messages
+
+
 def bias_router_steps(rank: int, world_size: int, spec: dict) -> dict:
     """Train-mode calls of one real sigmoid TopKRouter with expert bias (aux-loss-free).
 
@@ -436,6 +458,13 @@ def _train(model, optimizer, step_seeds, spec, fail_call=None, die_at_call=None)
             optimizer.step()
 
 
+def balancing_bias(router):
+    """The router's per-expert bias: the expert bias, or quantile balancing's (0.19+), or None."""
+    if router.expert_bias is not None:
+        return router.expert_bias
+    return compat.qb_bias(router) if getattr(router, "qb_beta", None) is not None else None
+
+
 def _fresh(spec: dict, init_seed: int = 0):
     """A GPT-MoE of spec["config"] with the plugin at spec["scope"] (and spec["settings"]), and
     its Adam optimizer."""
@@ -469,14 +498,14 @@ def resume_run(rank: int, world_size: int, spec: dict) -> dict:
     _train(model, optimizer, range(spec["first"]), spec)
     path = os.path.join(spec["ckpt_dir"], f"rank{rank}.pt")
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, path)
-    saved_bias = [r.expert_bias.clone() for r in harness.routers_of(model)]
+    saved_bias = [balancing_bias(r).clone() for r in harness.routers_of(model)]
     megatron_gbl.disable()
 
     model, optimizer = _fresh(spec, init_seed=1)  # other weights: only the checkpoint matters
     checkpoint = torch.load(path, weights_only=False)
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
-    loaded_bias = [r.expert_bias.clone() for r in harness.routers_of(model)]
+    loaded_bias = [balancing_bias(r).clone() for r in harness.routers_of(model)]
     _train(model, optimizer, range(spec["first"], spec["steps"]), spec)
     resumed = _tensors(model.state_dict())
     megatron_gbl.disable()
