@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from megatron_gbl import compat
-from megatron_gbl.scopes import BIAS_SCOPES, DP_SYNC_SCOPES, SCOPES
+from megatron_gbl.scopes import BIAS_SCOPES, DP_SYNC_SCOPES, QUANTILE_SCOPES, SCOPES
 
 
 @dataclass(frozen=True)
@@ -344,13 +344,11 @@ def _quantile_balancing(config, settings: Optional[Settings], pairs: list,
             f"(--moe-router-topk) is not a multiple of E = {num_experts} (--num-experts); "
             "change --micro-batch-size or --seq-length")
     if settings is not None:
-        from megatron_gbl import quantile
-
         for scope in settings.scopes:
-            if scope not in quantile.SCOPES:
+            if scope not in QUANTILE_SCOPES:
                 raise ValueError(
                     f"megatron_gbl: scope (--moe-lbl-scope / --moe-lbl-switch-scope) {scope!r} "
-                    f"has no quantile for {name}; use one of {', '.join(quantile.SCOPES)}")
+                    f"has no quantile for {name}; use one of {', '.join(QUANTILE_SCOPES)}")
         for flag_name, flag, value in (
                 ("micro_coeff", "--moe-lbl-micro-coeff", settings.micro_coeff),
                 ("device_coeff", "--moe-lbl-device-coeff", settings.device_coeff)):

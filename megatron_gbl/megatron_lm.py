@@ -24,12 +24,12 @@ import dataclasses
 import functools
 import importlib
 import inspect
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from megatron_gbl import compat, metrics, patch, steps
-from megatron_gbl.config import Settings, check_sync_group_size, router_balancing
+from megatron_gbl.config import Balancing, Settings, check_sync_group_size, router_balancing
 from megatron_gbl.scopes import SCOPES
 
 HISTOGRAM_TAG = "moe/tokens_per_expert_layer_{}"
@@ -39,7 +39,8 @@ _LOGGED_PARAMETERS = ("loss_scale", "iteration", "writer", "wandb_writer", "trac
 # The Megatron-LM hooks' originals (patch.replace); apart from the plugin's own, so that
 # megatron_gbl.disable() leaves the flags and the logging in place.
 _HOOKS: dict = {}
-# (metric names, histogram interval, histogram shape) of install_logging; None: not installed.
+# (metric names, histogram interval, histogram shape, histogram writers) of install_logging;
+# None: not installed.
 _LOGGING: Optional[tuple] = None
 
 
@@ -101,6 +102,28 @@ def configure(args: argparse.Namespace) -> None:
     Runs before the model is built and before any training; a no-op without --moe-lbl-scope.
     Raises ValueError naming the flag and the fix.
     """
+    settings = settings_from_args(args)
+    if settings is None:
+        return
+    balancing = check_run(settings, args, train_iters=getattr(args, "train_iters", None),
+                          data_parallel_size=args.data_parallel_size)
+    patch.enable(**{field.name: getattr(settings, field.name)
+                    for field in dataclasses.fields(settings)})
+    # Megatron-LM's train() sets args.curr_iteration (0-based, restored on resume) before each
+    # step: the scope switch follows it.
+    training = importlib.import_module("megatron.training")
+    steps.set_iteration(0, source=lambda: getattr(training.get_args(), "curr_iteration", None))
+    # From the arguments, not from this rank's routers: a pipeline stage without MoE layers
+    # joins the same reductions with the same shapes.
+    install_logging(metric_names(settings, balancing), args.moe_lbl_histogram_interval,
+                    (compat.tracker_num_layers(args), args.num_experts))
+
+
+def settings_from_args(args: argparse.Namespace) -> Optional[Settings]:
+    """The --moe-lbl-* flags as Settings (None without --moe-lbl-scope), checked on their own.
+
+    Raises ValueError naming the flag and the fix.
+    """
     scope = getattr(args, "moe_lbl_scope", None)
     if scope is None:
         given = [flag for flag, value in (
@@ -113,22 +136,34 @@ def configure(args: argparse.Namespace) -> None:
         if given:
             raise ValueError(f"megatron_gbl: {given[0]} needs --moe-lbl-scope (the scope to "
                              "start from); add it, or drop the flag")
-        return
-    if not getattr(args, "num_experts", None):
-        raise ValueError(
-            f"megatron_gbl: --moe-lbl-scope={scope} needs an MoE model, but --num-experts is not "
-            "set; add --num-experts (and --moe-router-topk), or drop --moe-lbl-scope")
-    if args.moe_lbl_histogram_interval < 0:
+        return None
+    check_histogram_interval(args.moe_lbl_histogram_interval)
+    return Settings(scope, args.moe_lbl_sync_group_size, args.moe_lbl_micro_coeff,
+                    args.moe_lbl_blocking_sync, args.moe_lbl_switch_scope,
+                    args.moe_lbl_switch_iteration, shuffle_seed=getattr(args, "seed", 0),
+                    device_coeff=args.moe_lbl_device_coeff,
+                    device_groups=args.moe_lbl_device_groups)
+
+
+def check_histogram_interval(interval: int) -> None:
+    """--moe-lbl-histogram-interval: every N iterations, 0 for never."""
+    if interval < 0:
         raise ValueError(
             f"megatron_gbl: --moe-lbl-histogram-interval must be >= 0 (0 turns histograms off), "
-            f"got {args.moe_lbl_histogram_interval}")
-    settings = Settings(scope, args.moe_lbl_sync_group_size, args.moe_lbl_micro_coeff,
-                        args.moe_lbl_blocking_sync, args.moe_lbl_switch_scope,
-                        args.moe_lbl_switch_iteration, shuffle_seed=getattr(args, "seed", 0),
-                        device_coeff=args.moe_lbl_device_coeff,
-                        device_groups=args.moe_lbl_device_groups)
-    balancing = router_balancing(args, settings)
-    train_iters = getattr(args, "train_iters", None)
+            f"got {interval}")
+
+
+def check_run(settings: Settings, config, *, train_iters: Optional[int],
+              data_parallel_size: int) -> Balancing:
+    """Check `settings` against the run: its MoE config (Megatron-LM's args, or a
+    TransformerConfig), its length and its data-parallel size. Returns what the routers balance
+    with; raises ValueError naming the flag and the fix."""
+    if not (getattr(config, "num_experts", None) or getattr(config, "num_moe_experts", None)):
+        raise ValueError(
+            f"megatron_gbl: --moe-lbl-scope={settings.scope} needs an MoE model, but "
+            "--num-experts is not set; add --num-experts (and --moe-router-topk), or drop "
+            "--moe-lbl-scope")
+    balancing = router_balancing(config, settings)
     if settings.switch_iteration is not None and train_iters \
             and settings.switch_iteration >= train_iters:
         raise ValueError(
@@ -136,22 +171,18 @@ def configure(args: argparse.Namespace) -> None:
             f"--train-iters {train_iters}, so --moe-lbl-switch-scope would never take over; "
             "lower it, or drop the switch")
     if settings.sync_group_size is not None:
-        check_sync_group_size(settings.sync_group_size, args.data_parallel_size)
-    patch.enable(**{field.name: getattr(settings, field.name)
-                    for field in dataclasses.fields(settings)})
-    # Megatron-LM's train() sets args.curr_iteration (0-based, restored on resume) before each
-    # step: the scope switch follows it.
-    training = importlib.import_module("megatron.training")
-    steps.set_iteration(0, source=lambda: getattr(training.get_args(), "curr_iteration", None))
+        check_sync_group_size(settings.sync_group_size, data_parallel_size)
+    return balancing
+
+
+def metric_names(settings: Settings, balancing: Balancing) -> tuple[str, ...]:
+    """The plugin's step metrics a run with these settings logs, on every rank."""
     names = metrics.names(balancing.lbl_type is not None,
                           balancing.bias_update_rate is not None,
                           balancing.quantile_ema is not None)
     if settings.device_coeff:
         names += (metrics.DEVICE_LBL,)
-    # From the arguments, not from this rank's routers: a pipeline stage without MoE layers
-    # joins the same reductions with the same shapes.
-    install_logging(names, args.moe_lbl_histogram_interval,
-                    (compat.tracker_num_layers(args), args.num_experts))
+    return names
 
 
 def install() -> None:
@@ -166,10 +197,15 @@ def install() -> None:
                 lambda args, *a, **k: _validate(original, args, *a, **k)), _HOOKS)
 
 
-def install_logging(names: tuple, histogram_interval: int, histogram_shape: tuple) -> None:
+def install_logging(names: tuple[str, ...], histogram_interval: int,
+                    histogram_shape: tuple[int, int],
+                    histogram_writers: Optional[Callable[[], tuple]] = None) -> None:
     """Report the plugin's step metrics `names` through Megatron's per-iteration MoE logging
     (TensorBoard, W&B, the console), and every `histogram_interval` iterations the tokens per
     expert of each layer; `histogram_shape` is (layers incl. MTP, experts) of the whole model.
+    Megatron-LM's and Megatron-Bridge's loops both log through this hook. The histograms go to
+    the TensorBoard and W&B writers the tracker gets, or to those `histogram_writers()`
+    returns (Bridge hands the tracker a scalars-only writer when MLflow or Comet logs too).
 
     Checked here, at start-up, rather than at the first logged iteration: the hook's
     parameters must be the ones the plugin fills in. Calling it again replaces the settings.
@@ -185,7 +221,7 @@ def install_logging(names: tuple, histogram_interval: int, histogram_shape: tupl
             "metrics cannot be logged with this release; run without --moe-lbl-scope, or use "
             "a release the plugin supports (README, Versions)"
         )
-    _LOGGING = (names, histogram_interval, histogram_shape)
+    _LOGGING = (names, histogram_interval, histogram_shape, histogram_writers)
     patch.replace(owner, name, lambda original: functools.wraps(original)(
         lambda *a, **k: _log_step(original, *a, **k)), _HOOKS)
 
@@ -205,7 +241,9 @@ def _validate(original, args, *rest, **kwargs):
 
 def _logging_hook() -> tuple[object, str]:
     """The per-iteration MoE logging call of Megatron-LM's training_log: Megatron-Core's
-    MoEMetricsTracker.report (0.18+), else megatron.training's track_moe_metrics."""
+    MoEMetricsTracker.report (0.18+), else megatron.training's track_moe_metrics. The tracker
+    first: Megatron-Bridge's loop reports through it too, without Megatron-LM's training
+    module."""
     if compat.moe_logging is not None:
         return compat.moe_logging.MoEMetricsTracker, "report"
     training = importlib.import_module("megatron.training.training")
@@ -222,7 +260,7 @@ def _log_step(original, *args, **kwargs):
     """
     if _LOGGING is None or not patch.is_enabled():
         return original(*args, **kwargs)
-    names, histogram_interval, histogram_shape = _LOGGING
+    names, histogram_interval, histogram_shape, histogram_writers = _LOGGING
     bound = inspect.signature(original).bind(*args, **kwargs)
     call = bound.arguments
     routers = steps.routers()
@@ -242,8 +280,9 @@ def _log_step(original, *args, **kwargs):
         call["track_names"] = list(call["track_names"]) + list(names)
     iteration = call["iteration"]
     if histogram_interval and iteration % histogram_interval == 0:
-        _log_histograms(step, histogram_shape, iteration, call.get("writer"),
-                        call.get("wandb_writer"))
+        writers = histogram_writers() if histogram_writers is not None \
+            else (call.get("writer"), call.get("wandb_writer"))
+        _log_histograms(step, histogram_shape, iteration, *writers)
     return original(*bound.args, **bound.kwargs)
 
 

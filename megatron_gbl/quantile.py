@@ -52,7 +52,6 @@ import torch.distributed as dist
 
 from megatron_gbl import comm, compat
 from megatron_gbl.lbl import bias_groups, count_choices
-from megatron_gbl.scopes import QUANTILE_SCOPES as SCOPES
 
 BINS = 1000
 WINDOW_MARGIN = 1.0

@@ -4,6 +4,8 @@
 #   scripts/test.sh -k bias          # pytest arguments after the options
 #   scripts/test.sh --all-versions   # then the version-sensitive tests on every other
 #                                    # supported release (what CI runs, .ci/run)
+#   scripts/test.sh --bridge         # the Megatron-Bridge tests, in .venvs/bridge (Python 3.12,
+#                                    # the newest megatron-core, megatron-bridge; CI runs it too)
 # MEGATRON_CORE=0.16.1 picks the release of .venv (0.12-0.16 use Python 3.11, 0.17+ 3.12);
 # PYTHON312 / PYTHON311 name the interpreters.
 # shellcheck source-path=SCRIPTDIR
@@ -11,6 +13,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=lib/venv.sh
 . scripts/lib/venv.sh
+
+if [ "${1:-}" = --bridge ]; then
+  shift
+  ensure_bridge_venv .venvs/bridge
+  exec .venvs/bridge/bin/python -m pytest -q tests/test_bridge.py "$@"
+fi
 
 all_versions=0
 if [ "${1:-}" = --all-versions ]; then

@@ -27,6 +27,7 @@ import bad_input
 import megatron_gbl
 import workers
 from megatron.core.transformer.transformer_config import TransformerConfig
+from tensorboard_events import tensorboard_scalars
 from megatron_gbl import compat, megatron_lm, metrics, quantile
 from megatron_gbl_lab import harness
 
@@ -121,17 +122,6 @@ def launch(argv, world_size=1, tmp_path=None, env=None):
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([*runner, *launcher, *map(str, argv)], capture_output=True, text=True,
                           env=full_env, timeout=600, cwd=tmp_path)
-
-
-def tensorboard_scalars(log_dir: Path) -> tuple[dict, dict]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "histograms": 0})
-    events.Reload()
-    scalars = {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
-    histograms = {tag: [e.histogram_value for e in events.Histograms(tag)]
-                  for tag in events.Tags()["histograms"]}
-    return scalars, histograms
 
 
 def run_training(tmp_path, name, extra, global_batch_size):

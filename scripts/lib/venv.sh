@@ -8,6 +8,8 @@ NEWEST_MEGATRON_CORE=0.19.2
 # The newest patch release of every supported minor release, oldest first.
 SUPPORTED_MEGATRON_CORE=(0.12.3 0.13.1 0.14.0 0.15.3 0.16.1 0.17.1 0.18.2 0.19.2)
 TORCH_VERSION=2.13.0
+# Megatron-Bridge for `scripts/test.sh --bridge` (Python 3.12, the newest megatron-core).
+BRIDGE_VERSION=0.6.2
 
 # The Python a megatron-core release is tested with (0.17 and later need Python >= 3.12): $PYTHON312 /
 # $PYTHON311 if set, else pythonX.Y if it runs, else pyenv's newest X.Y.
@@ -60,4 +62,21 @@ ensure_venv() {
   "${dir}/bin/python" -m pip install -q "torch==${TORCH_VERSION}"
   "${dir}/bin/python" -m pip install -q "megatron-core==${version}" -e ".[${extras}]"
   echo "${stamp}" >"${dir}/.installed"
+}
+
+# ensure_bridge_venv DIR: ensure_venv with the newest megatron-core, then Megatron-Bridge without
+# its dependencies and the pure-Python packages its training path imports
+# (scripts/bridge-cpu-requirements.txt says why), torch and megatron-core held where they are.
+ensure_bridge_venv() {
+  local dir=$1 stamp
+  ensure_venv "${dir}" "${NEWEST_MEGATRON_CORE}" test
+  stamp="megatron-bridge==${BRIDGE_VERSION} $(sha256sum scripts/bridge-cpu-requirements.txt)"
+  if [ -f "${dir}/.bridge-installed" ] && [ "$(cat "${dir}/.bridge-installed")" = "${stamp}" ]; then
+    return
+  fi
+  echo "--- adding megatron-bridge ${BRIDGE_VERSION} to ${dir}" >&2
+  "${dir}/bin/python" -m pip install -q -r scripts/bridge-cpu-requirements.txt \
+    -c <(printf 'torch==%s\nmegatron-core==%s\n' "${TORCH_VERSION}" "${NEWEST_MEGATRON_CORE}")
+  "${dir}/bin/python" -m pip install -q --no-deps "megatron-bridge==${BRIDGE_VERSION}"
+  echo "${stamp}" >"${dir}/.bridge-installed"
 }
