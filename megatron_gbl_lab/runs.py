@@ -76,9 +76,10 @@ PRESETS = {
         hidden_size=128, num_experts=16, topk=2, moe_ffn_hidden_size=128, lr=2e-3),
 }
 DEFAULT_PRESET = "tiny"
-# Wall time of one run (one scope at one seed: 4 ranks training, then the held-out evaluation),
-# measured on 2 CPU cores shared with other work: docs/claims/fine-grained.md.
-PRESET_SECONDS_PER_RUN = {"tiny": 85, "fine-grained": 400}
+# Wall time of one run (one scope at one seed: 4 ranks training, then the held-out evaluation)
+# on 2 idle CPU cores: tiny, the default demo's 2 runs in 170 s (README); fine-grained, 203 s
+# (docs/claims/fine-grained.md, where runs under other work's load took 330-820 s).
+PRESET_SECONDS_PER_RUN = {"tiny": 85, "fine-grained": 200}
 
 
 def preset_settings(name: str, **flags) -> DemoSettings:
@@ -96,7 +97,7 @@ def describe_preset(name: str) -> str:
             f"top-{s.topk}, expert FFN {s.moe_ffn_hidden_size}; {s.ranks} ranks x "
             f"{s.microbatches} micro-batches x {s.micro_batch_size} sequences of "
             f"{s.seq_length} bytes; {s.steps} steps, lr {s.lr:g}; about "
-            f"{PRESET_SECONDS_PER_RUN[name]} s per run on 2 CPU cores")
+            f"{PRESET_SECONDS_PER_RUN[name]} s per run on 2 idle CPU cores")
 
 AUX_FREE_PREFIX = "auxfree-"
 SWITCH_WORD = "-then-"
