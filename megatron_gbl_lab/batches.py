@@ -4,6 +4,7 @@ domains."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,14 @@ class Corpus:
     domains: list[str]
     train: list[torch.Tensor]
     valid: list[torch.Tensor]
+
+    def sha256(self) -> str:
+        """A fingerprint of the domains and both splits' tokens (a resumed demo checks that its
+        seeds saw the same text)."""
+        digest = hashlib.sha256("\n".join(self.domains).encode())
+        for stream in self.train + self.valid:
+            digest.update(len(stream).to_bytes(8, "little") + stream.numpy().tobytes())
+        return digest.hexdigest()
 
 
 def domain_streams(records: list[dict], domains: list[str]) -> list[torch.Tensor]:

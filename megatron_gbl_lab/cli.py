@@ -15,7 +15,8 @@ from typing import Optional, Sequence
 
 from megatron_gbl_lab import corpus
 from megatron_gbl_lab.runs import (
-    DemoSettings, check_settings, checkpoint_path, parse_scopes, parse_seeds,
+    DEFAULT_PRESET, PRESETS, DemoSettings, check_settings, checkpoint_path, describe_preset,
+    parse_scopes, parse_seeds, preset_settings,
 )
 
 BUILTIN_DOMAINS = 4
@@ -43,6 +44,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     defaults = DemoSettings()
+    tiny = PRESETS[DEFAULT_PRESET]  # its values in --help, beside "the preset's"
     parser = _Parser(
         prog="megatron-gbl",
         description="Global-batch load balancing for Megatron-Core MoE (Qiu et al. 2025).")
@@ -65,9 +67,14 @@ def _parser() -> argparse.ArgumentParser:
                            "+micro=R: plus a micro-batch LBL at R (default 0.01) times the LBL "
                            "weight; A-then-B@S: A for the first S steps, then B, e.g. "
                            "micro-then-global@250 (default: %(default)s)")
-    demo.add_argument("--steps", type=int, default=defaults.steps, help="(default: %(default)s)")
-    demo.add_argument("--ranks", type=int, default=defaults.ranks,
-                      help="data-parallel gloo processes, at least 4 (default: %(default)s)")
+    demo.add_argument("--preset", choices=list(PRESETS), default=DEFAULT_PRESET,
+                      help="named settings, each overridden by any flag given: "
+                           + "; ".join(describe_preset(name) for name in PRESETS)
+                           + " (default: %(default)s)")
+    demo.add_argument("--steps", type=int, help=f"(default: the preset's; tiny: {tiny.steps})")
+    demo.add_argument("--ranks", type=int,
+                      help=f"data-parallel gloo processes, at least 4 (default: the preset's; "
+                           f"tiny: {tiny.ranks})")
     seeds = demo.add_mutually_exclusive_group()
     seeds.add_argument("--seed", type=int, default=defaults.seed,
                        help="initial weights and data order (default: %(default)s)")
@@ -75,25 +82,36 @@ def _parser() -> argparse.ArgumentParser:
                        help="comma-separated seeds: every run at every seed, summarised as mean "
                             "± sd and paired differences against the first run with 95%% "
                             "intervals, e.g. 0,1,2,3,4")
-    demo.add_argument("--microbatches", type=int, default=defaults.microbatches,
-                      help="micro-batches per rank per step (default: %(default)s)")
-    demo.add_argument("--micro-batch-size", type=int, default=defaults.micro_batch_size,
-                      help="sequences per micro-batch (default: %(default)s)")
-    demo.add_argument("--seq-length", type=int, default=defaults.seq_length,
-                      help="bytes per sequence (default: %(default)s)")
-    demo.add_argument("--eval-sequences", type=int, default=defaults.eval_sequences,
-                      help="held-out sequences per domain (default: %(default)s)")
-    demo.add_argument("--lr", type=float, default=defaults.lr,
+    demo.add_argument("--resume", action="store_true",
+                      help="with --seeds: take the seeds already trained in --out (each seed's "
+                           "runs.json, written as soon as its runs end) instead of training "
+                           "them again; they must have the same settings, runs and corpus")
+    demo.add_argument("--microbatches", type=int,
+                      help=f"micro-batches per rank per step (default: the preset's; "
+                           f"tiny: {tiny.microbatches})")
+    demo.add_argument("--micro-batch-size", type=int,
+                      help=f"sequences per micro-batch (default: the preset's; "
+                           f"tiny: {tiny.micro_batch_size})")
+    demo.add_argument("--seq-length", type=int,
+                      help=f"bytes per sequence (default: the preset's; tiny: "
+                           f"{tiny.seq_length})")
+    demo.add_argument("--eval-sequences", type=int,
+                      help=f"held-out sequences per domain (default: the preset's; "
+                           f"tiny: {tiny.eval_sequences})")
+    demo.add_argument("--lr", type=float,
                       help="peak learning rate of Adam: linear warm-up over 5%% of the steps, "
-                           "then cosine decay to 10%% (default: %(default)s)")
-    demo.add_argument("--device-groups", type=int, default=defaults.device_groups,
+                           f"then cosine decay to 10%% (default: the preset's; tiny: "
+                           f"{tiny.lr:g})")
+    demo.add_argument("--device-groups", type=int,
                       help="expert-parallel devices to simulate for the device-level LBL "
                            "(+device runs) and the micro-batch device load violation: the "
                            "experts in that many groups, the tokens of that many consecutive "
-                           "ranks in one all-to-all (default: %(default)s)")
-    demo.add_argument("--eval-checkpoints", type=int, default=defaults.eval_checkpoints,
+                           f"ranks in one all-to-all (default: the preset's; "
+                           f"tiny: {tiny.device_groups})")
+    demo.add_argument("--eval-checkpoints", type=int,
                       help="held-out loss: the mean over this many last checkpoints, 5%% of "
-                           "training apart (default: %(default)s)")
+                           f"training apart (default: the preset's; tiny: "
+                           f"{tiny.eval_checkpoints})")
     demo.add_argument("--train-data", help="JSONL with a text and a domain field per line "
                                            "(default: the built-in synthetic corpus)")
     demo.add_argument("--valid-data", help="held-out JSONL, same domains as --train-data")
@@ -132,14 +150,24 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _demo(args) -> int:
+def demo_settings(args) -> tuple[DemoSettings, list[int]]:
+    """The settings of `megatron-gbl demo ARGS`: the preset's, with every flag given in its
+    place, and the seeds."""
     seeds = [args.seed] if args.seeds is None else parse_seeds(args.seeds)
-    settings = DemoSettings(
-        steps=args.steps, ranks=args.ranks, seed=seeds[0], microbatches=args.microbatches,
-        micro_batch_size=args.micro_batch_size, seq_length=args.seq_length,
-        eval_sequences=args.eval_sequences, eval_checkpoints=args.eval_checkpoints,
-        device_groups=args.device_groups, lr=args.lr)
+    if args.resume and len(seeds) < 2:
+        raise ValueError("--resume continues a run over several seeds from the seeds already in "
+                         "--out; give --seeds with at least two seeds, e.g. --seeds 0,1,2,3")
+    settings = preset_settings(
+        args.preset, steps=args.steps, ranks=args.ranks, seed=seeds[0],
+        microbatches=args.microbatches, micro_batch_size=args.micro_batch_size,
+        seq_length=args.seq_length, eval_sequences=args.eval_sequences,
+        eval_checkpoints=args.eval_checkpoints, device_groups=args.device_groups, lr=args.lr)
     check_settings(settings)
+    return settings, seeds
+
+
+def _demo(args) -> int:
+    settings, seeds = demo_settings(args)
     scopes = parse_scopes(args.scopes, settings)
     if (args.train_data is None) != (args.valid_data is None):
         raise ValueError("--train-data and --valid-data go together; pass both, or neither for "
@@ -161,13 +189,13 @@ def _demo(args) -> int:
     print(f"megatron-gbl demo: {len(scopes)} run(s) x {len(seeds)} seed(s) x {settings.steps} "
           f"steps, {settings.ranks} "
           f"gloo ranks x {settings.microbatches} micro-batches x {settings.micro_batch_size} "
-          f"sequences of {settings.seq_length} bytes, domains: {', '.join(domains)}",
-          file=sys.stderr)
+          f"sequences of {settings.seq_length} bytes, {settings.num_layers} layers of "
+          f"{settings.num_experts} experts, domains: {', '.join(domains)}", file=sys.stderr)
     from megatron_gbl_lab import batches, demo, report
 
     data = batches.build_corpus(train, valid, domains)
     results = demo.run_demo(settings, scopes, seeds, data, args.out,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, resume=args.resume)
     print(report.format_table(results))
     models = [run["model_dir"] for per_seed in results["per_seed"].values()
               for run in per_seed["scopes"].values()]

@@ -8,6 +8,7 @@ model (model.py); `analyze_model` reloads a saved model and collects its routing
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from typing import Optional
@@ -17,33 +18,70 @@ from megatron_gbl_lab import harness, plots
 from megatron_gbl_lab.evaluate import analyze_worker
 from megatron_gbl_lab.model import read_checkpoint
 from megatron_gbl_lab.report import summarize, write_json
-from megatron_gbl_lab.runs import DemoSettings, ScopeSpec
+from megatron_gbl_lab.runs import DemoSettings, ScopeSpec, seed_record_path
 from megatron_gbl_lab.train import train_scopes
 
 RUN_TIMEOUT_S = 1800  # one run of one seed: 30 min, several times the default's on 2 cores
 
 
 def run_demo(settings: DemoSettings, scopes: list[ScopeSpec], seeds: list[int],
-             corpus: batches.Corpus, out_dir: str, progress: bool = True) -> dict:
+             corpus: batches.Corpus, out_dir: str, progress: bool = True,
+             resume: bool = False) -> dict:
     """Train every run at every seed on `settings.ranks` gloo processes; write results.json and
     the PNGs into `out_dir` and each run's model into `runs.model_directory`. Returns the
     results: `per_seed[seed]["scopes"][label]` (one run), its `summary` and `paired`
-    differences over the seeds (report.summarize)."""
+    differences over the seeds (report.summarize).
+
+    With several seeds each seed's runs are also written to `runs.seed_record_path` as soon as
+    they end; `resume` takes the seeds found there instead of training them again."""
     os.makedirs(out_dir, exist_ok=True)
     started = time.perf_counter()
-    job = {"settings": settings, "seeds": seeds, "scopes": scopes, "corpus": corpus,
-           "out_dir": out_dir, "progress": progress}
-    per_seed = harness.run_gloo(train_scopes, settings.ranks, job,
-                                timeout_s=RUN_TIMEOUT_S * len(seeds) * len(scopes))[0]
     common = {name: value for name, value in dataclasses.asdict(settings).items()
               if name != "seed"}
+    identity = {"settings": common, "runs": [spec.label for spec in scopes],
+                "corpus_sha256": corpus.sha256()}
+    done = read_seed_records(out_dir, seeds, identity) if resume else {}
+    todo = [seed for seed in seeds if seed not in done]
+    job = {"settings": settings, "seeds": todo, "num_seeds": len(seeds), "scopes": scopes,
+           "corpus": corpus, "out_dir": out_dir, "progress": progress,
+           "record": identity if len(seeds) > 1 else None}
+    trained = harness.run_gloo(train_scopes, settings.ranks, job,
+                               timeout_s=RUN_TIMEOUT_S * len(todo) * len(scopes))[0] if todo else {}
+    per_seed = {**done, **trained}
     results = {"settings": common, "seeds": seeds, "domains": corpus.domains,
+               "corpus_sha256": identity["corpus_sha256"],
+               "resumed_seeds": [seed for seed in seeds if seed in done],
                "wall_seconds": time.perf_counter() - started,
-               "per_seed": {str(seed): {"scopes": runs} for seed, runs in per_seed.items()}}
+               "per_seed": {str(seed): {"scopes": per_seed[seed]} for seed in seeds}}
     results.update(summarize(results["per_seed"], seeds))
     results["files"] = plots.demo_figures(results, out_dir)
     write_json(os.path.join(out_dir, "results.json"), results)
     return results
+
+
+def read_seed_records(out_dir: str, seeds: list[int], identity: dict) -> dict[int, dict]:
+    """{seed: runs} of the seeds whose runs.json is in `out_dir` (`--resume`); a record of
+    other settings, runs or text is an error, not a seed to train again silently."""
+    done = {}
+    for seed in seeds:
+        path = seed_record_path(out_dir, seed)
+        if not os.path.isfile(path):
+            continue
+        with open(path) as f:
+            record = json.load(f)
+        differing = [key for key, value in identity.items() if record.get(key) != value]
+        if "settings" in differing:
+            theirs = record.get("settings") or {}
+            differing[differing.index("settings")] = "settings " + ", ".join(
+                f"{name} ({theirs.get(name)} there, {value} here)"
+                for name, value in identity["settings"].items() if theirs.get(name) != value)
+        if differing:
+            raise ValueError(
+                f"--resume: {path} holds seed {seed} of another demo (its {' and '.join(differing)}"
+                f" differ from this command's); pass the command that wrote it, another --out, "
+                f"or drop --resume to train every seed again")
+        done[seed] = record["scopes"]
+    return done
 
 
 def analyze_model(model_dir: str, records: list[dict], out_dir: str, max_sequences: int,

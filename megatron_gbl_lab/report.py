@@ -202,6 +202,12 @@ def format_seeds_table(results: dict) -> str:
         rows.append((f"  Δ vs {first}, 95% CI, seeds {direction}", ["—"] + [
             _paired_cell(results["paired"][label][metric.name], digits, direction)
             for label in labels[1:]]))
+    seconds = {label: [results["per_seed"][str(seed)]["scopes"][label].get("run_seconds")
+                       for seed in seeds] for label in labels}
+    if all(None not in values for values in seconds.values()):  # older results lack them
+        rows.append(("seconds per run (training, held-out evaluation)", [
+            _mean_sd(dict(zip(("mean", "sd"), stats.mean_and_sd(seconds[label]))), 0)
+            for label in labels]))
     note = (f"Seeds {', '.join(map(str, seeds))} (n = {len(seeds)}): mean ± sd over seeds. Δ: "
             f"the run minus {first} at the same seed (same initial weights and data order), "
             "mean with its 95% Student-t interval, and in how many seeds the run is lower / "

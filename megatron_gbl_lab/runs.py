@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from megatron_gbl.scopes import BIAS_SCOPES, DP_SYNC_SCOPES, QUANTILE_SCOPES, SCOPES
@@ -18,6 +18,7 @@ from megatron_gbl.scopes import BIAS_SCOPES, DP_SYNC_SCOPES, QUANTILE_SCOPES, SC
 
 MIN_RANKS = 4
 MODEL_FILE = "model.pt"  # in each run's directory (ScopeSpec.dirname)
+SEED_RECORD_FILE = "runs.json"  # in each seed's directory (seed_record_path)
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class DemoSettings:
     hidden_size: int = 64
     num_experts: int = 8
     topk: int = 2
+    moe_ffn_hidden_size: int = 128  # each expert's FFN width
     aux_loss_coeff: float = 1e-2  # Switch / ST-MoE's weight, which the paper follows
     expert_bias_update_rate: float = 1e-3  # auxfree-* runs: u of Wang et al., Megatron's default
     lr: float = 3e-3             # peak: linear warm-up over 5% of the steps, cosine to 10%
@@ -64,10 +66,46 @@ class DemoSettings:
                              moe_aux_loss_coeff=self.aux_loss_coeff)
         return dict(
             num_layers=self.num_layers, hidden_size=self.hidden_size, num_attention_heads=4,
-            ffn_hidden_size=2 * self.hidden_size, moe_ffn_hidden_size=2 * self.hidden_size,
+            ffn_hidden_size=2 * self.hidden_size, moe_ffn_hidden_size=self.moe_ffn_hidden_size,
             num_moe_experts=self.num_experts, moe_router_topk=self.topk, **balancing,
         )
 
+
+# `megatron-gbl demo --preset NAME`: named settings; every flag given on the command line
+# overrides its preset's value. How each was fixed (never by which scope wins): README "Seeds"
+# for tiny, docs/claims/fine-grained.md for fine-grained.
+PRESETS = {
+    "tiny": DemoSettings(),
+    # Closer to the paper's setting: twice the layers and the experts, each expert half as wide
+    # against the hidden size (fine-grained), 4 micro-batches per step. The shape of the
+    # reference point in issue 29.
+    "fine-grained": DemoSettings(
+        steps=200, microbatches=4, micro_batch_size=2, seq_length=128, num_layers=4,
+        hidden_size=128, num_experts=16, topk=2, moe_ffn_hidden_size=128, lr=2e-3),
+}
+DEFAULT_PRESET = "tiny"
+# Wall time of one run (one scope at one seed: 4 ranks training, then the held-out evaluation)
+# on 2 idle CPU cores: tiny, the default demo's 2 runs in 170 s (README); fine-grained, 203 s
+# (docs/claims/fine-grained.md, where runs under other work's load took 330-820 s).
+PRESET_SECONDS_PER_RUN = {"tiny": 85, "fine-grained": 200}
+
+
+def preset_settings(name: str, **flags) -> DemoSettings:
+    """The settings of preset `name` with every flag that was given (not None) in its place."""
+    if name not in PRESETS:
+        raise ValueError(f"--preset {name!r}: unknown; use one of {', '.join(PRESETS)}")
+    return replace(PRESETS[name], **{field: value for field, value in flags.items()
+                                     if value is not None})
+
+
+def describe_preset(name: str) -> str:
+    """One line of `--help`: the preset's shape, batch, length and measured time per run."""
+    s = PRESETS[name]
+    return (f"{name}: {s.num_layers} layers, hidden {s.hidden_size}, {s.num_experts} experts "
+            f"top-{s.topk}, expert FFN {s.moe_ffn_hidden_size}; {s.ranks} ranks x "
+            f"{s.microbatches} micro-batches x {s.micro_batch_size} sequences of "
+            f"{s.seq_length} bytes; {s.steps} steps, lr {s.lr:g}; about "
+            f"{PRESET_SECONDS_PER_RUN[name]} s per run on 2 idle CPU cores")
 
 AUX_FREE_PREFIX = "auxfree-"
 QUANTILE_PREFIX = "qb-"
@@ -356,6 +394,12 @@ def check_settings(settings: DemoSettings) -> None:
             f"--device-groups {settings.device_groups}: the simulated expert-parallel size must "
             f"divide --ranks {settings.ranks} (one all-to-all exchanges the tokens of that many "
             f"consecutive ranks) and the {settings.num_experts} experts; pick a divisor of both")
+
+
+def seed_record_path(out_dir: str, seed: int) -> str:
+    """OUT/seed<seed>/runs.json: one seed's runs of a demo over several seeds, written as soon
+    as they end (what `--resume` reads back)."""
+    return os.path.join(out_dir, f"seed{seed}", SEED_RECORD_FILE)
 
 
 def model_directory(out_dir: str, spec: ScopeSpec, seed: int, num_seeds: int) -> str:

@@ -21,7 +21,8 @@ from megatron_gbl_lab import batches
 from megatron_gbl_lab import harness
 from megatron_gbl_lab.evaluate import evaluate
 from megatron_gbl_lab.model import build_model, save_model
-from megatron_gbl_lab.runs import DemoSettings, ScopeSpec, model_directory
+from megatron_gbl_lab.report import write_json
+from megatron_gbl_lab.runs import DemoSettings, ScopeSpec, model_directory, seed_record_path
 
 
 # Training curves besides the LM loss, by the megatron_gbl.step_metrics value they record.
@@ -36,9 +37,15 @@ def train_scopes(rank: int, world_size: int, job: dict) -> dict:
     seed by seed. Returns {seed: {label: run}}."""
     harness.init_model_parallel()
     harness.simulate_expert_parallel_token_groups(job["settings"].device_groups)
-    return {seed: {spec.label: _train_and_evaluate(rank, world_size, spec, seed, job)
-                   for spec in job["scopes"]}
-            for seed in job["seeds"]}
+    per_seed = {}
+    for seed in job["seeds"]:
+        per_seed[seed] = {spec.label: _train_and_evaluate(rank, world_size, spec, seed, job)
+                          for spec in job["scopes"]}
+        if rank == 0 and job["record"] is not None:
+            # At once, so that a stopped run over many seeds keeps its finished ones (--resume).
+            write_json(seed_record_path(job["out_dir"], seed),
+                       {**job["record"], "seed": seed, "scopes": per_seed[seed]})
+    return per_seed
 
 
 def _train_and_evaluate(rank: int, world_size: int, spec: ScopeSpec, seed: int,
@@ -46,6 +53,7 @@ def _train_and_evaluate(rank: int, world_size: int, spec: ScopeSpec, seed: int,
     import megatron_gbl
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    run_started = time.perf_counter()
     settings: DemoSettings = dataclasses.replace(job["settings"], seed=seed)
     corpus: batches.Corpus = job["corpus"]
     model = build_model(spec.model_overrides(settings), settings.seq_length, settings.seed)
@@ -97,7 +105,7 @@ def _train_and_evaluate(rank: int, world_size: int, spec: ScopeSpec, seed: int,
     final = evaluate(model, corpus.valid, settings.eval_sequences, settings.seq_length,
                      settings.micro_batch_size, corpus.domains)
     heldout.append(dict(final, step=settings.steps))
-    model_dir = model_directory(job["out_dir"], spec, seed, len(job["seeds"]))
+    model_dir = model_directory(job["out_dir"], spec, seed, job["num_seeds"])
     if rank == 0:
         save_model(model_dir, model, settings, spec, corpus.domains)
     return {
@@ -105,6 +113,8 @@ def _train_and_evaluate(rank: int, world_size: int, spec: ScopeSpec, seed: int,
         "enable_arguments": spec.enable_arguments(settings), "model_dir": model_dir,
         "balance_bsz": {"tokens": balance.tokens, "sequences": balance.sequences},
         "seconds_per_step": sum(step_seconds) / len(step_seconds),
+        # Training and the held-out evaluations (not the start of the processes).
+        "run_seconds": time.perf_counter() - run_started,
         "train_curves": curves, "routing": final["routing"],
         **checkpoint_average(heldout, corpus.domains),
     }
