@@ -1,6 +1,7 @@
-"""The README's demo tables are the current code's: re-run each and compare (run by .ci/run).
+"""The docs' demo tables are the current code's: re-run each and compare (run by .ci/run).
 
-A table the code produced stands in README.md between two markers that name its command:
+A table the code produced stands in README.md or a page of docs/ (PAGES; today docs/demo.md)
+between two markers that name its command:
 
     <!-- demo-table: megatron-gbl demo --seed 0 -->
     | ... the table `megatron-gbl demo --seed 0` printed ... |
@@ -25,7 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+PAGES = (ROOT / "README.md", ROOT / "docs" / "demo.md")
 BLOCK = re.compile(r"(<!-- demo-table: (?P<command>.+?) -->\n)(?P<table>.*?)(<!-- /demo-table -->)",
                    re.S)
 TIMING_ROWS = ("seconds per step",)
@@ -64,30 +66,33 @@ def run(command: str) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--update", action="store_true",
-                        help="write the fresh tables into README.md instead of comparing")
+                        help="write the fresh tables into their pages instead of comparing")
     args = parser.parse_args(argv)
-    readme = README.read_text()
-    blocks = list(BLOCK.finditer(readme))
+    texts = {page: page.read_text() for page in PAGES}
+    blocks = [(page, block) for page, text in texts.items() for block in BLOCK.finditer(text)]
     if not blocks:
-        raise SystemExit("check_readme_tables: README.md marks no demo table")
+        raise SystemExit("check_readme_tables: no page of " + ", ".join(map(str, PAGES))
+                         + " marks a demo table")
     stale = []
-    for block in blocks:
+    for page, block in blocks:
         fresh = run(block["command"])
         if args.update:
-            readme = readme.replace(block.group(0), block.group(1) + fresh + block.group(4))
+            texts[page] = texts[page].replace(block.group(0),
+                                              block.group(1) + fresh + block.group(4))
             continue
         committed, current = compared(table_lines(block["table"])), compared(table_lines(fresh))
         differing = [row for row in committed.keys() | current.keys()
                      if committed.get(row) != current.get(row)]
         for row in differing:
-            stale.append(f"{block['command']}: {row!r}\n    README: {committed.get(row)}\n"
-                         f"    code:   {current.get(row)}")
+            stale.append(f"{page.name}: {block['command']}: {row!r}\n"
+                         f"    page: {committed.get(row)}\n    code: {current.get(row)}")
     if args.update:
-        README.write_text(readme)
-        print(f"check_readme_tables: {len(blocks)} table(s) written into README.md")
+        for page, text in texts.items():
+            page.write_text(text)
+        print(f"check_readme_tables: {len(blocks)} table(s) written into their pages")
         return 0
     if stale:
-        print("check_readme_tables: README.md's tables differ from the code's output "
+        print("check_readme_tables: tables differ from the code's output "
               "(scripts/check_readme_tables.py --update writes the current ones):\n"
               + "\n".join(stale), file=sys.stderr)
         return 1

@@ -498,7 +498,7 @@ def test_readme_table_check_compares_every_row_but_timing(tmp_path, monkeypatch)
     readme = tmp_path / "README.md"
     readme.write_text(f"text\n<!-- demo-table: megatron-gbl demo --seed 3 -->\n{table}"
                       "<!-- /demo-table -->\nmore\n")
-    monkeypatch.setattr(check_readme_tables, "README", readme)
+    monkeypatch.setattr(check_readme_tables, "PAGES", (readme,))
     printed = []
     monkeypatch.setattr(check_readme_tables, "run",
                         lambda command: printed.append(command) or printed_table)
