@@ -8,6 +8,7 @@ command with exit status 2 and a one-line message that names the flag and the fi
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -166,7 +167,22 @@ def demo_settings(args) -> tuple[DemoSettings, list[int]]:
     return settings, seeds
 
 
+def require_lab_packages(*names: str) -> None:
+    """The lab's own dependencies (the [demo] extra, which a plain `pip install megatron-gbl`
+    leaves out) checked before any work, instead of a traceback inside a forked rank."""
+    missing = []
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise ValueError(f"{' and '.join(missing)} not installed (the lab's extra): "
+                         'pip install "megatron-gbl[demo]"')
+
+
 def _demo(args) -> int:
+    require_lab_packages("tqdm", "matplotlib")
     settings, seeds = demo_settings(args)
     scopes = parse_scopes(args.scopes, settings)
     if (args.train_data is None) != (args.valid_data is None):
@@ -224,6 +240,7 @@ def _compare(args) -> int:
 
 
 def _analyze(args) -> int:
+    require_lab_packages("matplotlib")
     if args.max_sequences < 1:
         raise ValueError(f"--max-sequences {args.max_sequences}: must be at least 1")
     if args.micro_batch_size is not None and args.micro_batch_size < 1:

@@ -187,23 +187,10 @@ class ScopeSpec:
 
 
 def scopes_usage(ranks: int) -> str:
-    """What --scopes accepts, for its errors."""
-    return (
-        "use a comma-separated list of runs, each one of: micro, seq, dp, global, shuffle, dp:N, "
-        f"global:N (LBL scopes; N ranks per balance block, dividing --ranks {ranks}); "
-        "auxfree-micro, auxfree-dp, auxfree-global, auxfree-dp:N, auxfree-global:N "
-        "(auxiliary-loss-free balancing at that scope, no LBL); qb-micro, qb-dp, qb-global, "
-        "qb-dp:N, qb-global:N (quantile balancing at that scope, Megatron-Core >= 0.19); "
-        "auxfree-micro+matched, "
-        "auxfree-dp+matched, auxfree-dp:N+matched (the bias rate divided by --microbatches: "
-        "per step, as far as auxfree-global's one update); dp, global, dp:N or global:N "
-        "followed by +micro or +micro=R (plus a micro-batch LBL at R times the LBL weight, "
-        f"default {DEFAULT_MICRO_RATIO:g}); an LBL scope followed by +device or +device=R (plus "
-        "the device-level LBL over the --device-groups simulated devices at R times the LBL "
-        f"weight, default {DEFAULT_DEVICE_RATIO:g}); A-then-B@S (A for the first S steps, 1 <= S < "
-        "--steps, then B; both LBL runs, both auxfree- or both qb-), e.g. --scopes "
-        "micro,global,auxfree-global,shuffle,global+micro,micro-then-global@250"
-    )
+    """The pointer every --scopes error ends with: one line; the whole grammar (the runs, :N,
+    +micro, +device, +matched, A-then-B@S) is in docs/demo.md and `megatron-gbl demo --help`."""
+    return (f"every run --scopes takes (N of :N dividing --ranks {ranks}): docs/demo.md or "
+            "megatron-gbl demo --help; e.g. --scopes micro,global,auxfree-global,shuffle")
 
 
 def parse_scopes(text: str, settings: DemoSettings) -> list[ScopeSpec]:

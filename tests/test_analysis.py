@@ -323,3 +323,11 @@ def test_parse_scopes_rejects(text, message):
         parse_scopes(text, DemoSettings(ranks=4, steps=10))
     assert str(error.value).startswith("--scopes: ") and message in str(error.value)
     assert "e.g. --scopes micro,global,auxfree-global" in str(error.value)  # the usage
+
+
+def test_an_unknown_scope_is_one_short_line_with_a_pointer():
+    with pytest.raises(ValueError) as error:
+        parse_scopes("micro,bogus", DemoSettings(ranks=4))
+    message = str(error.value)
+    assert message.startswith("--scopes: unknown scope 'bogus'") and "docs/demo.md" in message
+    assert "\n" not in message and len(message) <= 200, (len(message), message)

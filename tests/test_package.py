@@ -118,3 +118,23 @@ def test_console_script_is_installed():
                             env={**os.environ, "PYTHONWARNINGS": "default"}, timeout=60)
     assert result.returncode == 0 and result.stdout.startswith("usage: megatron-gbl")
     assert result.stderr == ""
+
+
+@pytest.mark.parametrize("missing, command", [("tqdm", "demo"), ("matplotlib", "demo"),
+                                              ("matplotlib", "analyze")])
+def test_lab_command_without_the_extra_says_how_to_install_it(missing, command):
+    # A plain `pip install megatron-gbl` has the console script but not the lab's extra: one
+    # line naming the fix, exit 2, no traceback, before any rank starts.
+    argv = ["demo"] if command == "demo" else ["analyze", "--model", "m", "--data", "d.jsonl"]
+    result = run_python(f"""
+import sys
+sys.modules[{missing!r}] = None  # as if not installed
+from megatron_gbl_lab import cli
+try:
+    cli.main({argv!r})
+except SystemExit as exit_:
+    print("exit", exit_.code, file=sys.stderr)
+""")
+    lines = result.stderr.strip().splitlines()
+    assert lines == [f"megatron-gbl {command}: error: {missing} not installed (the lab's extra): "
+                     'pip install "megatron-gbl[demo]"', "exit 2"], result.stderr
