@@ -64,6 +64,19 @@ def selection_heatmaps(frequency: dict, domains: list[str], uniform: float, path
     plt.close(fig)
 
 
+# The batch a training curve counts over: its key prefix, line style and legend name.
+BATCH_STYLES = (("global", "-", "global batch"), ("micro", "--", "micro-batch"),
+                ("micro_device", ":", "micro-batch, over devices"))
+
+
+def drawn_batch_styles(curves: dict, quantity: str) -> list[tuple[str, str, str]]:
+    """The entries of BATCH_STYLES that some run of `curves` has a `quantity` curve for ("lbl":
+    no run has a device LBL curve; aux-free runs have no LBL at all)."""
+    return [entry for entry in BATCH_STYLES
+            if any(f"{entry[0]}_{quantity}" in curve
+                   for per_seed in curves.values() for curve in per_seed)]
+
+
 def training_curves(curves: dict, path: str) -> None:
     """Fig. 3 style, moving averages per step, one colour per run (one line per seed): LM loss,
     the micro- and global-batch LBL (runs with an LBL: aux-free runs have none) and the micro-
@@ -76,8 +89,6 @@ def training_curves(curves: dict, path: str) -> None:
 
     fig, (loss_ax, lbl_ax, violation_ax) = plt.subplots(1, 3, figsize=(15, 4.2),
                                                         constrained_layout=True)
-    batch_styles = (("global", "-", "global batch"), ("micro", "--", "micro-batch"),
-                    ("micro_device", ":", "micro-batch, over devices"))
     colors = _run_colors(len(curves))
     for color, (label, per_seed) in zip(colors, curves.items()):
         width = 1.5 if len(per_seed) == 1 else 0.8
@@ -86,7 +97,7 @@ def training_curves(curves: dict, path: str) -> None:
             loss_ax.plot(_moving_average(curve["loss"], window), color=color, linewidth=width,
                          label=label if index == 0 else None)
             for ax, quantity in ((lbl_ax, "lbl"), (violation_ax, "load_violation")):
-                for batch, style, _ in batch_styles:
+                for batch, style, _ in BATCH_STYLES:
                     name = f"{batch}_{quantity}"
                     if name in curve:  # an LBL curve exists only for runs with an LBL
                         ax.plot(_moving_average(curve[name], window), color=color,
@@ -100,10 +111,11 @@ def training_curves(curves: dict, path: str) -> None:
         lbl_ax.text(0.5, 0.5, "no run has an LBL", transform=lbl_ax.transAxes, ha="center")
     violation_ax.set(xlabel="step", ylabel="max load / mean load - 1 (0 = balanced)",
                      title="expert load violation, every run")
-    styles = [Line2D([], [], color="gray", linestyle=style, label=name)
-              for _, style, name in batch_styles]
-    lbl_ax.legend(handles=styles, fontsize=8)
-    violation_ax.legend(handles=styles, fontsize=8)
+    for ax, quantity in ((lbl_ax, "lbl"), (violation_ax, "load_violation")):
+        drawn = drawn_batch_styles(curves, quantity)  # no legend entry for a line not drawn
+        if drawn:
+            ax.legend(handles=[Line2D([], [], color="black", linestyle=style, label=name)
+                               for _, style, name in drawn], fontsize=8)
     legend_rows = math.ceil(len(curves) / 8)  # 8 run labels fit the figure's width
     fig.legend(*loss_ax.get_legend_handles_labels(), loc="outside lower center",
                ncol=math.ceil(len(curves) / legend_rows), fontsize=8)
@@ -211,6 +223,12 @@ def demo_figures(results: dict, out_dir: str) -> dict:
     return files
 
 
+def device_trade_title(device_groups: int, seeds: int) -> str:
+    """device_trade.png's title: the small points (one per seed) exist with several seeds only."""
+    per_seed = f"{seeds} seeds; small points: seeds, large: their mean" if seeds > 1 else "1 seed"
+    return f"specialisation vs device load, {device_groups} simulated devices, {per_seed}"
+
+
 def device_trade(results: dict, path: str) -> None:
     """Specialisation against what an all-to-all waits on: per run, MI(domain; expert) over the
     micro-batch device load violation (training, last 10%), one small point per seed and a large
@@ -224,19 +242,20 @@ def device_trade(results: dict, path: str) -> None:
              if label in ("micro", "global") or "+device" in label or "+micro" in label]
     if len(trade) > 2:
         labels = trade
+    several_seeds = len(results["seeds"]) > 1
     fig, ax = plt.subplots(figsize=(7.5, 5.0), constrained_layout=True)
     for color, label in zip(_run_colors(len(labels)), labels):
         runs = [results["per_seed"][str(seed)]["scopes"][label] for seed in results["seeds"]]
-        ax.scatter([x_metric.value(run) for run in runs], [y_metric.value(run) for run in runs],
-                   color=color, s=12, alpha=0.6)
+        if several_seeds:  # with one seed the seed's point is the mean
+            ax.scatter([x_metric.value(run) for run in runs],
+                       [y_metric.value(run) for run in runs], color=color, s=12, alpha=0.6)
         summary = results["summary"][label]
         ax.scatter([summary[x_metric.name]["mean"]], [summary[y_metric.name]["mean"]],
                    color=color, s=70, edgecolors="black", zorder=3,
                    label=f"{label}: loss {summary['heldout_loss_mean']['mean']:.4f}")
     ax.legend(fontsize=7, title="run: mean held-out loss", title_fontsize=7)
     ax.set(xlabel=f"{x_metric.title} (0 = balanced devices)", ylabel=y_metric.title,
-           title=f"specialisation vs device load, {results['settings']['device_groups']} "
-                 f"simulated devices, {len(results['seeds'])} seed(s); small points: seeds")
+           title=device_trade_title(results["settings"]["device_groups"], len(results["seeds"])))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
