@@ -29,19 +29,18 @@ the plugin works, without Bridge installed.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import importlib
 import os
 import runpy
 import sys
-from typing import NoReturn, Optional
-
-import torch
+from typing import Optional
 
 from megatron_gbl import compat, megatron_lm, patch, steps
 from megatron_gbl.config import Balancing, Settings
+from megatron_gbl.launch import FlagParser as _FlagParser
+from megatron_gbl.launch import stop_before_training as _stop
 
 USAGE = "python -m megatron_gbl.bridge SCRIPT [SCRIPT ARGS ...] [--moe-lbl-* flags]"
 DESCRIPTION = (
@@ -183,24 +182,6 @@ def _added(callback, callbacks):
 
 def _as_kwargs(settings: Settings) -> dict:
     return {field.name: getattr(settings, field.name) for field in dataclasses.fields(settings)}
-
-
-class _FlagParser(argparse.ArgumentParser):
-    """The --moe-lbl-* flags; a bad one is a ValueError, reported like every other (`_stop`)."""
-
-    def error(self, message: str) -> NoReturn:
-        raise ValueError(f"megatron_gbl: {message}")
-
-
-def _stop(message) -> NoReturn:
-    """End the run before training: rank 0 prints the one-line message and exits with status 2,
-    every other rank exits quietly with status 0. torchrun stops all workers as soon as one
-    fails, so a failing rank other than 0 could end rank 0 before it printed anything."""
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() \
-        else int(os.environ.get("RANK", "0"))
-    if rank == 0:
-        print(message, file=sys.stderr, flush=True)
-    raise SystemExit(2 if rank == 0 else 0)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

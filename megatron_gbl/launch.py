@@ -5,15 +5,19 @@
 
 The script runs as `__main__` exactly as `python pretrain_gpt.py ...` would, with its own
 directory first on sys.path (where a Megatron-LM checkout keeps `megatron/training`; megatron-core
-wheels ship it too from 0.17 on).
+wheels ship it too from 0.17 on). A bad --moe-lbl-* flag ends the run before training with one
+line from rank 0 and exit status 2: the flags alone are checked before the script starts, their
+combination with Megatron's arguments right after Megatron's `validate_args`.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import runpy
 import sys
-from typing import Optional
+import traceback
+from typing import NoReturn, Optional
 
 USAGE = (
     "usage: python -m megatron_gbl.launch ENTRY_SCRIPT [MEGATRON-LM ARGS ...] "
@@ -22,6 +26,33 @@ USAGE = (
     "ENTRY_SCRIPT is Megatron-LM's pretrain_gpt.py (or any script that trains through "
     "megatron.training)."
 )
+
+
+class FlagParser(argparse.ArgumentParser):
+    """The --moe-lbl-* flags alone (this launcher's and megatron_gbl.bridge's); a bad one is a
+    ValueError, reported like every other (`stop_before_training`)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ValueError(f"megatron_gbl: {message}")
+
+
+def stop_before_training(message) -> NoReturn:
+    """End the run before training: rank 0 prints the one-line message and exits with status 2,
+    every other rank exits quietly with status 0. torchrun stops all workers as soon as one
+    fails, so a failing rank other than 0 could end rank 0 before it printed anything."""
+    import torch
+
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() \
+        else int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        print(message, file=sys.stderr, flush=True)
+    raise SystemExit(2 if rank == 0 else 0)
+
+
+def _raised_by(error: BaseException, function) -> bool:
+    """Whether `error` was raised inside `function` (a frame of its code in the traceback)."""
+    return any(frame.f_code is function.__code__
+               for frame, _ in traceback.walk_tb(error.__traceback__))
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -55,8 +86,21 @@ def main(argv: Optional[list[str]] = None) -> None:
             f"megatron_gbl.launch: cannot import {error.name} (Megatron-LM's training code, part "
             f"of megatron-core wheels only from 0.17 on). Keep {os.path.basename(script)} inside "
             "a Megatron-LM checkout, or put the checkout on PYTHONPATH") from error
+    try:
+        flags, _ = megatron_lm.add_arguments(
+            FlagParser(add_help=False, allow_abbrev=False)).parse_known_args(script_args)
+        megatron_lm.settings_from_args(flags)
+    except ValueError as error:
+        stop_before_training(error)
     sys.argv = [script, *script_args]
-    runpy.run_path(script, run_name="__main__")
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except ValueError as error:
+        # The plugin's check of the flags against Megatron's validated arguments: its one-line
+        # message, without the traceback through Megatron's code. Other errors keep theirs.
+        if not _raised_by(error, megatron_lm.configure):
+            raise
+        stop_before_training(error)
 
 
 if __name__ == "__main__":

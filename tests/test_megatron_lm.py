@@ -222,6 +222,22 @@ def test_launcher_errors_before_training(tmp_path):
         assert status != 0 and "Megatron-LM checkout" in stderr
 
 
+@pytest.mark.parametrize("bad_flag, message", [
+    (["--moe-lbl-micro-coeff", "-1"], "megatron_gbl: micro_coeff (--moe-lbl-micro-coeff)"),
+    (["--moe-lbl-sync-group-size", "3"],  # checked against Megatron's data-parallel size
+     "megatron_gbl: sync_group_size (--moe-lbl-sync-group-size) 3 must divide"),
+], ids=["flag-alone", "against-megatron-args"])
+def test_a_bad_flag_is_one_line_from_rank_0(tmp_path, bad_flag, message):
+    # Through torchrun on 2 ranks: the plugin's message once, no traceback through the plugin
+    # (torchrun's own failure summary may follow), a non-zero exit.
+    result = launch([ENTRY, *MODEL_ARGS, *REAL_LOOP_ARGS, "--global-batch-size", "4",
+                     "--moe-lbl-scope", "global", *bad_flag], world_size=2, tmp_path=tmp_path)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert output.count(message) == 1, output[-4000:]
+    assert "megatron_gbl/" not in output and "ValueError" not in output, output[-4000:]
+
+
 @pytest.mark.skipif(not REAL_LOOP, reason="pipeline parallelism needs Megatron-LM's own loop "
                     "(megatron.training of the megatron-core wheel, not importable here)")
 @pytest.mark.parametrize("moe_layer_freq, moe_layer", [
