@@ -24,7 +24,9 @@ SLURM = ROOT / "scripts" / "pretrain_moe_gbl.sbatch"
 HELPER = ROOT / "scripts" / "lib" / "megatron_gbl_common.sh"
 CHECK_PATCHES = ROOT / "scripts" / "check_patches.sh"
 RUN_GPU = ROOT / "benchmarks" / "run_gpu.sh"
-CONFIGS = sorted((ROOT / "configs").glob("*.args"))
+# The launch scripts' configs (GPU); configs/tiny_moe_cpu.args is scripts/try_megatron_lm.sh's.
+CPU_CONFIG = ROOT / "configs" / "tiny_moe_cpu.args"
+CONFIGS = sorted(set((ROOT / "configs").glob("*.args")) - {CPU_CONFIG})
 PATCHES = sorted((ROOT / "patches").glob("*.patch"))
 PAPER_CONFIGS = {  # file: (experts, total parameters, active parameters)
     "moe_3.4a0.6b.args": (64, 3.4e9, 0.6e9),
@@ -413,6 +415,26 @@ def test_tiny_config():
     assert int(flags["--num-experts"][0]) == 8 and int(flags["--moe-router-topk"][0]) == 2
     assert flags["--tokenizer-type"] == ["NullTokenizer"] and "--vocab-size" in flags
     assert "--moe-grouped-gemm" not in flags  # runs without the grouped-GEMM kernels
+
+
+def test_cpu_config_is_tiny_moe_with_the_cpu_changes_its_header_names():
+    # The model and routing are tiny_moe.args'; what differs is what the CPU needs, each named
+    # in the file's header.
+    gpu, cpu = config_dict(ROOT / "configs" / "tiny_moe.args"), config_dict(CPU_CONFIG)
+    cpu_only = {"--mock-data", "--num-workers", "--clip-grad", "--distributed-backend",
+                "--transformer-impl", "--no-gradient-accumulation-fusion",
+                "--no-masked-softmax-fusion", "--no-rope-fusion", "--no-persist-layer-norm",
+                "--no-bias-swiglu-fusion", "--no-bias-dropout-fusion"}
+    changed = {"--moe-token-dispatcher-type": ["allgather"], "--clip-grad": ["0"],
+               "--global-batch-size": ["8"], "--train-iters": ["5"]}
+    assert set(cpu) - set(gpu) == cpu_only and set(gpu) - set(cpu) == {"--bf16"}
+    for flag, value in gpu.items():
+        if flag in cpu:
+            assert cpu[flag] == changed.get(flag, value), flag
+    assert cpu["--distributed-backend"] == ["gloo"] and cpu["--transformer-impl"] == ["local"]
+    header = CPU_CONFIG.read_text().split("\n\n")[0]
+    for reason in ("allgather", "--clip-grad 0", "fp32"):
+        assert reason in header
 
 
 # --- patches ---------------------------------------------------------------------------------

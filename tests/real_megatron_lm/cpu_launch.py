@@ -5,12 +5,14 @@ the latter through it).
     torchrun --standalone --nproc-per-node 2 tests/real_megatron_lm/cpu_launch.py \\
         <Megatron-LM>/pretrain_gpt.py <args> --distributed-backend gloo --moe-lbl-scope=global
 
-Installs the lab's CPU shims for Megatron-LM's training loop, then runs the launcher.
+Silences the third-party notices the lab knows (megatron_gbl_lab.quiet), installs the lab's CPU
+shims for Megatron-LM's training loop, then runs the launcher.
 """
 
 import os
 import sys
 
+import megatron_gbl_lab.quiet  # noqa: F401 - before torch and Megatron-Core are imported
 from megatron_gbl import launch
 from megatron_gbl_lab import harness
 
