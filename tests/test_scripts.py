@@ -531,3 +531,33 @@ def test_readme_table_check_compares_every_row_but_timing(tmp_path, monkeypatch)
     assert check_readme_tables.main(["--update"]) == 0  # writes the code's table in
     assert "| 0.6 | 0.4 |" in readme.read_text() and readme.read_text().endswith("more\n")
     assert check_readme_tables.main([]) == 0
+
+
+# --- one .venv for the scripts ----------------------------------------------------------------
+
+@pytest.mark.parametrize("installed, asked, reused", [
+    ("demo test", "demo", True),   # test's venv serves the demo (test brings demo)
+    ("demo test", "test", True),
+    ("demo", "demo", True),
+    ("demo", "test", False),       # the demo's venv lacks test: installs it beside demo
+    (None, "demo", False),         # a stamp of another checkout or format: set up again
+])
+def test_ensure_venv_reuses_a_venv_whose_extras_cover_the_ask(tmp_path, installed, asked, reused):
+    import hashlib
+
+    pyproject = ROOT / "pyproject.toml"
+    stamp = (f"megatron-core==0.19.2 torch==2.13.0 "
+             f"{hashlib.sha256(pyproject.read_bytes()).hexdigest()}  pyproject.toml")
+    venv = tmp_path / "venv"
+    venv.mkdir()
+    (venv / ".installed").write_text(f"{stamp}\n{installed}\n" if installed else "old stamp\n")
+    # An interpreter that does not run: a set-up stops at once (exit 2) instead of installing.
+    result = subprocess.run(
+        ["bash", "-c", f'set -euo pipefail; . scripts/lib/venv.sh; ensure_venv {venv} 0.19.2 '
+                       f'{asked}; echo reused'],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHON312": "/bin/false"})
+    if reused:
+        assert (result.returncode, result.stdout, result.stderr) == (0, "reused\n", "")
+    else:
+        assert result.returncode == 2 and "does not run" in result.stderr

@@ -34,14 +34,18 @@ python_for() {
   echo "python${minor}"  # not found: ensure_venv says so
 }
 
-# ensure_venv DIR MEGATRON_CORE_VERSION EXTRAS: create DIR (once) and install what is missing.
-# A stamp of what was installed makes a second call with the same inputs return at once.
+# ensure_venv DIR MEGATRON_CORE_VERSION EXTRA: create DIR (once) and install what is missing.
+# A stamp of what was installed makes a second call with the same inputs return at once. Its
+# second line lists the extras DIR has, with those they bring (test brings demo), so one .venv
+# serves scripts/demo.sh, scripts/test.sh and scripts/try_megatron_lm.sh: a call whose EXTRA is
+# among them returns at once, one whose EXTRA is not installs it beside them.
 ensure_venv() {
-  local dir=$1 version=$2 extras=$3 python stamp
+  local dir=$1 version=$2 extra=$3 python stamp installed_extras=""
   python=$(python_for "${version}")
-  stamp="megatron-core==${version} torch==${TORCH_VERSION} .[${extras}] $(sha256sum pyproject.toml)"
-  if [ -f "${dir}/.installed" ] && [ "$(cat "${dir}/.installed")" = "${stamp}" ]; then
-    return
+  stamp="megatron-core==${version} torch==${TORCH_VERSION} $(sha256sum pyproject.toml)"
+  if [ -f "${dir}/.installed" ] && [ "$(head -n 1 "${dir}/.installed")" = "${stamp}" ]; then
+    installed_extras=$(sed -n 2p "${dir}/.installed")
+    case " ${installed_extras} " in *" ${extra} "*) return ;; esac
   fi
   "${python}" -c "" 2>/dev/null || {
     echo "error: megatron-core ${version} is tested with ${python}, which does not run." \
@@ -60,8 +64,30 @@ ensure_venv() {
   # torch first and pinned: on Python 3.11 here this is a CPU build from local disk; elsewhere
   # (and on 3.12) the registry's default build, which also runs on CPU.
   "${dir}/bin/python" -m pip install -q "torch==${TORCH_VERSION}"
+  local extras
+  extras=$(echo "${installed_extras} ${extra}" | xargs | tr ' ' ',')
   "${dir}/bin/python" -m pip install -q "megatron-core==${version}" -e ".[${extras}]"
-  echo "${stamp}" >"${dir}/.installed"
+  printf '%s\n%s\n' "${stamp}" "$(extras_with_their_own "${dir}/bin/python" "${extras}")" \
+    >"${dir}/.installed"
+}
+
+# extras_with_their_own PYTHON EXTRA,EXTRA...: those extras and every extra they bring through a
+# "megatron-gbl[...]" requirement in pyproject.toml, space-separated.
+extras_with_their_own() {
+  "$1" - "$2" <<'PY'
+import re, sys, tomllib
+with open("pyproject.toml", "rb") as file:
+    optional = tomllib.load(file)["project"]["optional-dependencies"]
+todo, found = sys.argv[1].split(","), set()
+while todo:
+    extra = todo.pop()
+    if extra not in found:
+        found.add(extra)
+        for requirement in optional.get(extra, []):
+            brought = re.fullmatch(r"megatron-gbl\[(.+)\]", requirement.strip())
+            todo += brought.group(1).split(",") if brought else []
+print(" ".join(sorted(found)))
+PY
 }
 
 # ensure_bridge_venv DIR: ensure_venv with the newest megatron-core, then Megatron-Bridge without
