@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set everything up (once; later runs reuse it) and run the demo:
-#   scripts/demo.sh                                  # micro vs global, ~5 min on 2 CPU cores
+#   scripts/demo.sh                                  # micro vs global, about 3 min on 2 cores
 #   scripts/demo.sh --scopes micro,global --seeds 0,1,2,3,4
 # Arguments go to `megatron-gbl demo` (see --help). MEGATRON_CORE=0.16.1 picks another
 # release (0.12-0.16 use Python 3.11, 0.17+ 3.12).

@@ -6,8 +6,8 @@
 #
 # Without --preset: every run at 5 seeds on the built-in corpus and on a corpus of real text
 # (megatron_gbl_lab.text_corpus), then the summaries paired against other runs. 300 steps
-# instead of the demo's 500, so that the 11 runs x 5 seeds x 2 corpora fit in about 80 minutes
-# on 2 CPU cores; OUT (default out/claims) receives each corpus's results.json, figures and
+# instead of the demo's 500, so that the 11 runs x 5 seeds x 2 corpora take about 2 hours on 2
+# cores (docs/timings.json); OUT (default out/claims) receives each corpus's results.json, figures and
 # tables. RUNS (a --scopes list) and AGAINST (the runs the summaries pair against) replace the
 # README's set, e.g. for docs/claims/quantile.md:
 #   RUNS=qb-micro,qb-dp,qb-global,micro,global,auxfree-global \
@@ -16,7 +16,7 @@
 # --preset fine-grained: `megatron-gbl demo --preset fine-grained` on the text corpus of five
 # genres (`python -m megatron_gbl_lab.text_corpus --domains genres`), micro and
 # global at seeds 0-7, auxfree-micro+matched and auxfree-global at seeds 0-4 (26 runs, about 3
-# hours on 2 idle cores), into OUT/fine-grained; the summaries paired against micro and against
+# hours on 2 cores), into OUT/fine-grained; the summaries paired against micro and against
 # auxfree-micro+matched go to docs/claims/fine-grained-text.md. Each seed's runs are kept as
 # soon as they end, and a second call resumes from the seeds already in OUT/fine-grained.
 # shellcheck source-path=SCRIPTDIR
