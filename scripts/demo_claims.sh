@@ -6,10 +6,10 @@
 #
 # Without --preset: every run at 5 seeds on the built-in corpus and on a corpus of real text
 # (megatron_gbl_lab.text_corpus), then the summaries paired against other runs. 300 steps
-# instead of the demo's 500, so that the 11 runs x 5 seeds x 2 corpora take about 2 hours on 2
-# cores (docs/timings.json); OUT (default out/claims) receives each corpus's results.json, figures and
-# tables. RUNS (a --scopes list) and AGAINST (the runs the summaries pair against) replace the
-# README's set, e.g. for docs/claims/quantile.md:
+# instead of the demo's 500, so that the 11 runs x 5 seeds x 2 corpora fit in two hours (they
+# took about 2 hours on 2 cores: docs/timings.json); OUT (default out/claims) receives each
+# corpus's results.json, figures and tables. RUNS (a --scopes list) and AGAINST (the runs the
+# summaries pair against) replace the README's set, e.g. for docs/claims/quantile.md:
 #   RUNS=qb-micro,qb-dp,qb-global,micro,global,auxfree-global \
 #   AGAINST="qb-micro micro global auxfree-global" OUT=out/qb-claims scripts/demo_claims.sh
 #

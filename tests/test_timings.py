@@ -1,4 +1,5 @@
-"""Every time the README, docs/ and the scripts quote is docs/timings.json's (scripts/timings.py)."""
+"""Every time the README, docs/ and the scripts quote is docs/timings.json's
+(scripts/timings.py)."""
 
 import json
 import sys
