@@ -31,9 +31,18 @@ if [ "${status}" != 0 ]; then
   exit "${status}"
 fi
 # Megatron-LM's own iteration lines: the loss and the LBL it logged, with the plugin's metrics.
-grep -E ' iteration +[0-9]+/' "${log}" | tr '|' '\n' | awk '
+logged=$(grep -E ' iteration +[0-9]+/' "${log}" | tr '|' '\n' | awk '
   / iteration +[0-9]+\// { sub(/^.*iteration +/, ""); gsub(/ /, ""); line = "iteration " $0 }
   /lm loss|load_balancing_loss|micro_batch_lbl|global_batch_lbl|balance_bsz_tokens/ {
     gsub(/^ +| +$/, ""); line = line " | " $0 }
-  /number of nan iterations/ { print line }'
+  /number of nan iterations/ { print line }')
+echo "${logged}"
+# Every iteration must have logged the plugin's metrics: a run that trained without them fails.
+iterations=$(grep -cE ' iteration +[0-9]+/' "${log}" || true)
+with_metrics=$(grep -c 'load_balancing_loss: .*global_batch_lbl: ' <<<"${logged}" || true)
+if [ "${iterations}" = 0 ] || [ "${with_metrics}" != "${iterations}" ]; then
+  echo "try_megatron_lm: ${with_metrics} of ${iterations} iterations logged the LBL and the" \
+    "plugin's metrics; whole log: ${log}" >&2
+  exit 1
+fi
 echo "try_megatron_lm: Megatron-LM's training loop ran with --moe-lbl-scope=global; log: ${log}"
