@@ -1,7 +1,6 @@
 """Every time the README, docs/ and the scripts quote is docs/timings.json's
 (scripts/timings.py)."""
 
-import json
 import sys
 from pathlib import Path
 
