@@ -108,7 +108,7 @@ METRICS = (
 
 
 def summarize(per_seed: dict, seeds: list[int], baseline: Optional[str] = None) -> dict:
-    """results.json's `summary`, `paired` and `noise` from `per_seed` (README, "Seeds"):
+    """results.json's `summary`, `paired` and `noise` from `per_seed` (docs/demo.md, "Seeds"):
 
         summary[label][metric] = {mean, sd, n}                     over the seeds
         paired[label][metric]  = {mean_diff, ci95, wins, n}        label minus the baseline

@@ -72,7 +72,7 @@ class DemoSettings:
 
 
 # `megatron-gbl demo --preset NAME`: named settings; every flag given on the command line
-# overrides its preset's value. How each was fixed (never by which scope wins): README "Seeds"
+# overrides its preset's value. How each was fixed (never by which scope wins): docs/demo.md "Seeds"
 # for tiny, docs/claims/fine-grained.md for fine-grained.
 PRESETS = {
     "tiny": DemoSettings(),
@@ -85,8 +85,9 @@ PRESETS = {
 }
 DEFAULT_PRESET = "tiny"
 # Wall time of one run (one scope at one seed: 4 ranks training, then the held-out evaluation)
-# on 2 idle CPU cores: tiny, the default demo's 2 runs in 170 s (README); fine-grained, 203 s
-# (docs/claims/fine-grained.md, where runs under other work's load took 330-820 s).
+# on 2 idle CPU cores: tiny, the default demo's 2 runs in 170 s (docs/timings.json);
+# fine-grained, 203 s (docs/claims/fine-grained.md, where runs under other work's load took
+# 330-820 s).
 PRESET_SECONDS_PER_RUN = {"tiny": 85, "fine-grained": 200}
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's statements over seeds ("What the demo shows, over seeds").
+# The statements over seeds of docs/claims.md (and of the README's table of them).
 #
 #   scripts/demo_claims.sh                        # the tiny demo's claims (below)
 #   scripts/demo_claims.sh --preset fine-grained  # the fine-grained rows (further below)

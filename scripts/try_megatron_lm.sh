@@ -7,8 +7,9 @@
 # The entry script is tests/megatron_lm_entry/pretrain_gpt.py (the shape of Megatron-LM's own, on
 # the wheel's megatron.training, mock data); tests/real_megatron_lm/cpu_launch.py installs the
 # lab's CPU shims, then runs `python -m megatron_gbl.launch`. On a GPU, run Megatron-LM's own
-# pretrain_gpt.py through the launcher instead (README, "Megatron-LM"). NPROC sets the ranks
-# (default 2); PYTHON an environment that has megatron-gbl[test] (default: set up .venv).
+# pretrain_gpt.py through the launcher instead (README, "Megatron-LM"; docs/megatron_lm.md).
+# NPROC sets the ranks (default 2); PYTHON an environment that has megatron-gbl[test] (default:
+# set up .venv, which CI's .ci/run runs this in).
 # shellcheck source-path=SCRIPTDIR
 set -euo pipefail
 cd "$(dirname "$0")/.."
