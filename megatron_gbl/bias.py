@@ -81,7 +81,7 @@ class ExpertBiasUpdater:
         return self.step_counts is not None or self._pending is not None
 
     def record(self, local_counts: torch.Tensor, scope: str, balance_group, average_group,
-               blocking: bool, what: str) -> None:
+               blocking: bool, what) -> None:
         """Take this micro-batch's local counts [c (E), T] (int64) at `scope`; `what` names the
         count sum in errors."""
         if scope == "global":

@@ -510,8 +510,10 @@ def _to_sum(local_counts: torch.Tensor, group) -> torch.Tensor:
     return local_counts.clone() if comm.spans_ranks(group) else local_counts
 
 
-def _what(collective: str, router) -> str:
-    return f"the {collective} of MoE layer {compat.layer_index(router)}"
+def _what(collective: str, router) -> Callable[[], str]:
+    """The name of a router's collective for errors, formatted only if one happens (not in
+    every router call)."""
+    return lambda: f"the {collective} of MoE layer {compat.layer_index(router)}"
 
 
 def _size(group) -> int:
