@@ -512,8 +512,10 @@ def _to_sum(local_counts: torch.Tensor, group) -> torch.Tensor:
 
 def _what(collective: str, router) -> Callable[[], str]:
     """The name of a router's collective for errors, formatted only if one happens (not in
-    every router call)."""
-    return lambda: f"the {collective} of MoE layer {compat.layer_index(router)}"
+    every router call). It holds the layer number, not the router: the plugin's state keeps no
+    reference to the model."""
+    layer = compat.layer_index(router)
+    return lambda: f"the {collective} of MoE layer {layer}"
 
 
 def _size(group) -> int:
