@@ -273,13 +273,16 @@ def plot(results: dict, layer_counts: list, path: str) -> None:
     calls.set_xlabel("kernel launches per router call (forward + backward)")
     calls.invert_yaxis()
     for label in labels:
-        if label.startswith("plugin"):
+        if label.startswith("plugin") or label == "upstream global_aux_loss":
             counts = [results[label][f"step boundary, {n} layers"]["launches"]
                       for n in layer_counts]
-            boundary.plot(layer_counts, counts, marker="o", label=label)
+            boundary.plot(layer_counts, counts, marker="o", label=label,
+                          linestyle="--" if label.startswith("upstream") else "-")
     boundary.set_xscale("log", base=2)
+    boundary.set_yscale("symlog", linthresh=32)
     boundary.set_xlabel("MoE layers")
-    boundary.set_ylabel("kernel launches per step boundary")
+    boundary.set_ylabel("kernel launches per step boundary\n(plugin: start_step + finish_step; "
+                        "upstream: its per-step reset)")
     boundary.legend(fontsize=7)
     fig.suptitle("Kernel launches counted on CPU (torch.profiler; views and allocations not "
                  "counted, a _foreach_ op once)")

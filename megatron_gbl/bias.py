@@ -58,11 +58,12 @@ class ExpertBiasUpdater:
         self.balance_tokens: Optional[torch.Tensor] = None  # tokens of the last update's counts
         self._step_start: Optional[torch.Tensor] = None  # the bias before this step's updates
 
-    def start_step(self, expert_bias: Optional[torch.Tensor] = None) -> None:
-        """Start a step; `expert_bias` is kept to undo the step's updates if it is discarded."""
+    def start_step(self, bias_snapshot: Optional[torch.Tensor] = None) -> None:
+        """Start a step; `bias_snapshot`, a copy of the bias (`snapshot`), undoes the step's
+        updates if it is discarded."""
         self.step_counts = None
         self._pending = None
-        self._step_start = None if expert_bias is None else expert_bias.detach().clone()
+        self._step_start = bias_snapshot
 
     def restore_step_start(self, expert_bias: torch.Tensor) -> None:
         """Undo the updates of this step (micro/dp scopes update after each micro-batch)."""
@@ -80,7 +81,7 @@ class ExpertBiasUpdater:
         return self.step_counts is not None or self._pending is not None
 
     def record(self, local_counts: torch.Tensor, scope: str, balance_group, average_group,
-               blocking: bool, what: str) -> None:
+               blocking: bool, what) -> None:
         """Take this micro-batch's local counts [c (E), T] (int64) at `scope`; `what` names the
         count sum in errors."""
         if scope == "global":
@@ -92,14 +93,35 @@ class ExpertBiasUpdater:
 
     def apply_pending(self, expert_bias: torch.Tensor) -> None:
         """Apply the last micro-batch's update (micro/dp), if one is waiting."""
-        if self._pending is None:
-            return
-        synced, average_group = self._pending
-        self._pending = None
-        counts = synced.wait()
-        self.balance_tokens = counts[-1]
-        sign_E = load_error_sign(counts[:-1])
-        apply_update(expert_bias, *_average_signs(sign_E, average_group), self.rate)
+        if self._pending is not None:
+            apply_pending_updates([expert_bias], [self])
+
+    def take_pending(self):
+        """(the last micro-batch's synced counts [c (E), T], its average group), or None; the
+        update is no longer pending then."""
+        pending, self._pending = self._pending, None
+        return None if pending is None else (pending[0].wait(), pending[1])
+
+
+def snapshot(expert_biases: Sequence[torch.Tensor]) -> torch.Tensor:
+    """A copy of every bias, [L, E] in one kernel: rows for `ExpertBiasUpdater.start_step`."""
+    return torch.stack([expert_bias.detach() for expert_bias in expert_biases])
+
+
+def apply_pending_updates(expert_biases: Sequence[torch.Tensor],
+                          updaters: Sequence[ExpertBiasUpdater]) -> None:
+    """micro/dp: apply every waiting micro-batch update at once (at the step's end: all
+    layers' counts stacked, one sign average, one fused add)."""
+    taken = [(bias, updater, updater.take_pending())
+             for bias, updater in zip(expert_biases, updaters)]
+    taken = [(bias, updater, pending) for bias, updater, pending in taken if pending is not None]
+    if not taken:
+        return
+    counts = [counts for _, _, (counts, _) in taken]
+    # One layer (a router's next call): a view, not a copy.
+    counts_LX = counts[0].unsqueeze(0) if len(counts) == 1 else torch.stack(counts)
+    _apply_updates([bias for bias, _, _ in taken], [updater for _, updater, _ in taken],
+                   counts_LX, taken[0][2][1])
 
 
 def step_counts(updaters: Sequence[ExpertBiasUpdater]) -> Optional[torch.Tensor]:
@@ -118,16 +140,26 @@ def apply_step_update(expert_biases: Sequence[torch.Tensor],
     `average_group` when the balance group is a block of it."""
     counted = [(bias, updater) for bias, updater in zip(expert_biases, updaters)
                if updater.step_counts is not None]
+    _apply_updates([bias for bias, _ in counted], [updater for _, updater in counted], counts_LX,
+                   average_group)
+
+
+def _apply_updates(expert_biases: Sequence[torch.Tensor], updaters: Sequence[ExpertBiasUpdater],
+                   counts_LX: torch.Tensor, average_group) -> None:
+    """b_l += u_l * mean_g sign_g of every layer l from its counts [L, E+1] summed over the
+    balance group: the same kernels and at most one all-reduce for any number of layers."""
     sign_sum_LE, num_groups = _average_signs(load_error_sign(counts_LX[:, :-1]), average_group)
-    for (bias, updater), sign_sum_E, counts_X in zip(counted, sign_sum_LE, counts_LX):
-        apply_update(bias, sign_sum_E, num_groups, updater.rate)
-        updater.balance_tokens = counts_X[-1]
-
-
-def apply_update(expert_bias: torch.Tensor, sign_sum_E: torch.Tensor, num_groups: int,
-                 rate: float) -> None:
+    rates = [updater.rate for updater in updaters]
+    if len(set(rates)) == 1:
+        update_LE = bias_update(sign_sum_LE, num_groups, rates[0])
+    else:  # layers with update rates of their own (a model built from several configs)
+        rates_L1 = torch.tensor(rates, dtype=torch.float64, device=sign_sum_LE.device)
+        update_LE = bias_update(sign_sum_LE * rates_L1.unsqueeze(1), num_groups, 1.0)
     with torch.no_grad():
-        expert_bias.add_(bias_update(sign_sum_E, num_groups, rate).to(expert_bias.dtype))
+        torch._foreach_add_(list(expert_biases),
+                            list(update_LE.to(expert_biases[0].dtype).unbind()))
+    for updater, counts_X in zip(updaters, counts_LX):
+        updater.balance_tokens = counts_X[-1]
 
 
 def _average_signs(sign_XE: torch.Tensor, average_group) -> tuple[torch.Tensor, int]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from typing import Sequence
+from typing import Callable, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -83,7 +83,8 @@ class _Pending:
     communication stream.
     """
 
-    def __init__(self, tensor: torch.Tensor, group, issue, blocking: bool, what: str) -> None:
+    def __init__(self, tensor: torch.Tensor, group, issue, blocking: bool,
+                 what: Union[str, Callable[[], str]]) -> None:
         self._tensor = tensor
         self._work = None
         self._what = what
@@ -97,6 +98,11 @@ class _Pending:
                 self._work.wait()
         return self._tensor
 
+    @property
+    def what(self) -> str:
+        """The collective's name for errors (a callable is asked only when one happens)."""
+        return self._what() if callable(self._what) else self._what
+
     @contextlib.contextmanager
     def _named(self):
         try:
@@ -105,7 +111,7 @@ class _Pending:
             if not peer_failure(error):
                 raise  # a programming error (a bad dtype, ...) keeps its own message
             raise CollectiveError(
-                f"megatron_gbl: {self._what} failed: {error}. A rank of its process group "
+                f"megatron_gbl: {self.what} failed: {error}. A rank of its process group "
                 "stopped or missed the process group's timeout (init_process_group(timeout=...), "
                 "Megatron-LM's --distributed-timeout-minutes); this rank stops instead of "
                 "hanging. Look for the first rank that failed."
@@ -128,7 +134,7 @@ class PendingSum(_Pending):
     """An in-place sum of `tensor` over `group` (nothing to do without a group of two or more)."""
 
     def __init__(self, tensor: torch.Tensor, group, blocking: bool = False,
-                 what: str = "an all-reduce") -> None:
+                 what: Union[str, Callable[[], str]] = "an all-reduce") -> None:
         super().__init__(tensor, group, functools.partial(dist.all_reduce, tensor, group=group),
                          blocking, what)
 
@@ -137,7 +143,7 @@ class PendingGather(_Pending):
     """Every rank's `tensor` of `group`, stacked along dim 0 in group-rank order: [G*N, ...]."""
 
     def __init__(self, tensor: torch.Tensor, group, blocking: bool = False,
-                 what: str = "an all-gather") -> None:
+                 what: Union[str, Callable[[], str]] = "an all-gather") -> None:
         issue = None
         if spans_ranks(group):
             gathered = tensor.new_empty((dist.get_world_size(group) * tensor.shape[0],

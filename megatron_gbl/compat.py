@@ -29,7 +29,7 @@ import dataclasses
 import functools
 import importlib
 import inspect
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from megatron.core import parallel_state
@@ -183,15 +183,16 @@ def fp32_bias_on_load():
     return "_load_from_state_dict", make_replacement
 
 
-def reset_upstream_expert_load(router) -> None:
-    """Zero upstream's own expert-load accumulator, which the plugin does not use (0.12-0.14
-    would otherwise never zero it while upstream's update is off), and 0.19's quantile
-    accumulators, which the plugin empties after every call (quantile.StepHistograms)."""
-    if getattr(router, "local_tokens_per_expert", None) is not None:
-        router.local_tokens_per_expert.zero_()
-    if getattr(router, "qb_beta_accum", None) is not None:
-        router.qb_beta_accum.zero_()
-        router.qb_beta_count.zero_()
+def reset_upstream_expert_load(routers) -> None:
+    """Zero upstream's own expert-load accumulators, which the plugin does not use (0.12-0.14
+    would otherwise never zero them while upstream's update is off), and 0.19's quantile
+    accumulators, which the plugin empties after every call (quantile.StepHistograms): of all
+    `routers` in one fused kernel."""
+    accumulators = [accumulator for router in routers
+                    for name in ("local_tokens_per_expert", "qb_beta_accum", "qb_beta_count")
+                    if (accumulator := getattr(router, name, None)) is not None]
+    if accumulators:
+        torch._foreach_zero_(accumulators)
 
 
 def expert_bias_frozen(router) -> bool:
@@ -303,10 +304,11 @@ def model_parallel_ready() -> bool:
     return torch.distributed.is_initialized() and parallel_state.model_parallel_is_initialized()
 
 
-def log_to_tracker(router, name: str, value: torch.Tensor, *, avg_group,
-                   reduce_group=None, layer: Optional[int] = None) -> None:
-    """Add a router's per-layer value to Megatron's aux-loss tracker under `name`, in the slot
-    of `layer` (default: the router's, `layer_index`).
+def log_to_tracker(name: str, values_N: torch.Tensor, layers: Sequence[int], config, *,
+                   avg_group, reduce_group=None) -> None:
+    """Add values [N] to Megatron's aux-loss tracker under `name`, value n into the slot of
+    layer `layers[n]` (1-based, `layer_index`; a layer may repeat: its values add up), for all
+    rows with one write (one kernel, whatever the number of layers).
 
     What Megatron-LM then reports is the value summed over the pipeline stages and over
     `reduce_group`, then averaged over `avg_group`, and nothing else (reports show the mean over
@@ -316,16 +318,36 @@ def log_to_tracker(router, name: str, value: torch.Tensor, *, avg_group,
     last: a no-op, because `avg_group` must contain every data-parallel and context-parallel
     rank of the stage, so after its average they all hold the same value.
     """
-    layer = layer_index(router) if layer is None else layer
-    num_layers = tracker_num_layers(router.config)
+    values_N = values_N.detach()
+    num_layers = tracker_num_layers(config)
+    # Megatron's own call adds the first value: it makes the entry (sized, on the values'
+    # device) and sets its groups. One index_add adds the rest.
     if moe_logging is not None:
         moe_logging.get_moe_metrics_tracker().record(
-            name, value.detach(), layer, num_layers, reduce_group=reduce_group,
+            name, values_N[0], layers[0], num_layers, reduce_group=reduce_group,
             avg_group=avg_group, needs_dp_avg=False)
-        return
-    moe_utils.save_to_aux_losses_tracker(name, value.detach(), layer, num_layers,
-                                         reduce_group=reduce_group, avg_group=avg_group,
-                                         **_no_dp_average())
+    else:
+        moe_utils.save_to_aux_losses_tracker(name, values_N[0], layers[0], num_layers,
+                                             reduce_group=reduce_group, avg_group=avg_group,
+                                             **_no_dp_average())
+    if len(layers) > 1:
+        slots = _tracker_slots(name)
+        slots.index_add_(0, _slot_index(tuple(layers[1:]), slots.device),
+                         values_N[1:].to(slots.dtype))
+
+
+def _tracker_slots(name: str) -> torch.Tensor:
+    """The tracker's per-layer values of `name` [decoder layers + MTP layers], in place."""
+    if moe_logging is not None:
+        return moe_logging.get_moe_metrics_tracker().metrics[name].values
+    return _tracker_dict()[name]["values"]
+
+
+@functools.lru_cache(maxsize=64)
+def _slot_index(layers: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The tracker slots of `layers` as an index tensor on `device`, made (copied to the
+    device) once per layout, not per step."""
+    return torch.tensor([layer - 1 for layer in layers], dtype=torch.int64, device=device)
 
 
 @functools.cache

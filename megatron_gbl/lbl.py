@@ -68,6 +68,9 @@ class RouterState:
     expected_microbatches: Optional[int] = None
     calls: int = 0  # training calls of this step
     balance_tokens: Optional[Callable[[], torch.Tensor]] = None  # waits for the synced counts
+    # f's tokens are balance_tokens() / this: B for "seq" (each sequence its own f), else 1;
+    # divided where read, not per call.
+    balance_tokens_divisor: int = 1
     balance_sequences: int = 0
     # Local, unreduced statistics of each micro-batch of the step, for metrics.step_metrics:
     # with an LBL, its counts [c, T] (int64) and probability sums s (float); with expert bias,
@@ -107,7 +110,8 @@ class RouterState:
         return 1.0 / self.calls_per_microbatch
 
     def start_step(self, expected_microbatches: Optional[int] = None,
-                   expert_bias: Optional[torch.Tensor] = None) -> None:
+                   bias_snapshot: Optional[torch.Tensor] = None) -> None:
+        """`bias_snapshot`: a copy of the expert bias as the step starts (bias.snapshot)."""
         for buffer in self.depth_buffers:
             buffer.reset()
         self.microbatch_stats.clear()
@@ -115,7 +119,7 @@ class RouterState:
         self.lbl_terms.clear()
         self.device_terms.clear()
         if self.bias is not None:
-            self.bias.start_step(expert_bias)
+            self.bias.start_step(bias_snapshot)
         self.in_step = True
         self.expected_microbatches = expected_microbatches
         self.calls = 0
@@ -160,10 +164,19 @@ class RouterState:
         return self.expected_microbatches is not None and self.calls > 0 \
             and self.calls != self.expected_microbatches * self.calls_per_microbatch
 
+    def set_balance(self, tokens: Callable[[], torch.Tensor], sequences: int,
+                    tokens_divisor: int = 1) -> None:
+        """The last call's f was over tokens() / tokens_divisor tokens and `sequences`
+        sequences (`balance_bsz`); `tokens` waits for the synced counts when called."""
+        self.balance_tokens = tokens
+        self.balance_sequences = sequences
+        self.balance_tokens_divisor = tokens_divisor
+
     @property
     def balance_bsz(self) -> Optional[BalanceBSZ]:
         tokens = None if self.balance_tokens is None else self.balance_tokens()
-        return None if tokens is None else BalanceBSZ(int(tokens), self.balance_sequences)
+        return None if tokens is None else BalanceBSZ(
+            int(tokens / self.balance_tokens_divisor), self.balance_sequences)
 
 
 def apply_scoped_lbl(
@@ -349,8 +362,7 @@ def _batch_weights(router, state, settings, counts, group, replicas: int, bsz: i
             return counts[:-1], counts[-1]
 
         microbatches = 1
-    state.balance_tokens = lambda: counts_for_f()[1]
-    state.balance_sequences = bsz * replicas * microbatches
+    state.set_balance(lambda: counts_for_f()[1], bsz * replicas * microbatches)
 
     def weights():
         tokens_per_expert_E, num_tokens_for_f = counts_for_f()
@@ -377,8 +389,7 @@ def _sequence_weights(router, state, settings, scores_TE, routing_map_TE, num_lo
     synced = PendingSum(
         count_choices(routing_map_TE.reshape(seq_length, bsz * num_experts), num_local_tokens),
         local_group, settings.blocking_sync, _what("per-sequence expert-count sum", router))
-    state.balance_tokens = lambda: synced.wait()[-1] / bsz
-    state.balance_sequences = 1
+    state.set_balance(lambda: synced.wait()[-1], 1, tokens_divisor=bsz)
 
     def weights():
         # Each sequence's f and P over T / B tokens, and the mean over the B sequences:
@@ -450,8 +461,7 @@ def record_expert_load(router, state: RouterState, settings: Settings, sync_grou
     state.load_counts.append(local_counts)
     if frozen:
         if state.balancing.lbl_type is None:
-            state.balance_tokens = lambda: local_counts.new_zeros(())
-            state.balance_sequences = 0
+            state.set_balance(lambda: local_counts.new_zeros(()), 0)
         return
     balance_group, average_group = bias_groups(router, settings, sync_group)
     state.bias.record(local_counts, settings.scope, balance_group, average_group,
@@ -459,8 +469,7 @@ def record_expert_load(router, state: RouterState, settings: Settings, sync_grou
     if state.balancing.lbl_type is None:  # else the LBL's Balance BSZ, the same token set
         microbatches = len(state.load_counts) if settings.scope == "global" else 1
         replicas = _size(balance_group) // _size(compat.tp_cp_group(router))
-        state.balance_tokens = lambda: state.bias.balance_tokens
-        state.balance_sequences = bsz * replicas * microbatches
+        state.set_balance(lambda: state.bias.balance_tokens, bsz * replicas * microbatches)
 
 
 def bias_groups(router, settings: Settings, sync_group):
@@ -501,8 +510,12 @@ def _to_sum(local_counts: torch.Tensor, group) -> torch.Tensor:
     return local_counts.clone() if comm.spans_ranks(group) else local_counts
 
 
-def _what(collective: str, router) -> str:
-    return f"the {collective} of MoE layer {compat.layer_index(router)}"
+def _what(collective: str, router) -> Callable[[], str]:
+    """The name of a router's collective for errors, formatted only if one happens (not in
+    every router call). It holds the layer number, not the router: the plugin's state keeps no
+    reference to the model."""
+    layer = compat.layer_index(router)
+    return lambda: f"the {collective} of MoE layer {layer}"
 
 
 def _size(group) -> int:

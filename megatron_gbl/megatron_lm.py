@@ -269,12 +269,10 @@ def _log_step(original, *args, **kwargs):
         # The tracker multiplies everything by loss_scale (1 / micro-batches): undo it for
         # values that are per step, not sums over micro-batches. Averaging over TP x DP x CP
         # gives the data-parallel mean of the micro-batch values and leaves the global ones.
-        row_routers = dict(metrics.rows(routers))
+        router = routers[0]
         for name, values_L in step.values.items():
-            for layer, value in zip(step.layer_numbers, values_L):
-                router = row_routers[layer]
-                compat.log_to_tracker(router, name, value.float() / call["loss_scale"],
-                                      avg_group=compat.tp_dp_cp_group(router), layer=layer)
+            compat.log_to_tracker(name, values_L / call["loss_scale"], step.layer_numbers,
+                                  router.config, avg_group=compat.tp_dp_cp_group(router))
     # From the configuration, not from this rank's metrics: the same names on every stage.
     if call.get("track_names") is not None:
         call["track_names"] = list(call["track_names"]) + list(names)

@@ -28,6 +28,7 @@ the mean one. At D = 1 (no expert parallelism) it is 0: there is no all-to-all t
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -111,8 +112,7 @@ def step_metrics(routers: Sequence) -> Optional[StepMetrics]:
     statistics_rows = rows(routers)
     # float64 holds the integer counts exactly: one tensor, at most three sums for everything,
     # one collective each (fewer where groups hold the same ranks).
-    stats_LMX = torch.cat([_microbatch_stats(router._megatron_gbl, has_lbl, has_load)
-                           for router in routers])
+    stats_LMX = _microbatch_stats(routers, has_lbl, has_load)
     num_experts = routers[0].config.num_moe_experts
     # The load: the trailing dispatched [c, T] (expert bias, quantile balancing), else the LBL
     # stats' leading c.
@@ -140,11 +140,15 @@ def step_metrics(routers: Sequence) -> Optional[StepMetrics]:
     # Stacked where the counts live: no host round trip per layer, and a device tensor for
     # Megatron's tracker all-reduce on NCCL.
     # A repeated MTP layer's depths see the same tokens: its rows share the router's values.
-    values[BALANCE_BSZ] = torch.stack([router._megatron_gbl.balance_tokens().double()
-                                       for _, router in statistics_rows])
+    values[BALANCE_BSZ] = torch.stack([router._megatron_gbl.balance_tokens()
+                                       for _, router in statistics_rows]).double()
+    divisors = [router._megatron_gbl.balance_tokens_divisor for _, router in statistics_rows]
+    if set(divisors) != {1}:  # "seq": f over each sequence's tokens
+        values[BALANCE_BSZ] /= torch.tensor(divisors, dtype=torch.float64) \
+            if len(set(divisors)) > 1 else divisors[0]
     if has_bias:
-        values[EXPERT_BIAS_STD] = torch.stack([router.expert_bias.detach().double().std()
-                                               for _, router in statistics_rows])
+        values[EXPERT_BIAS_STD] = torch.stack([router.expert_bias.detach()
+                                               for _, router in statistics_rows]).double().std(-1)
     if has_quantile:
         values.update(quantile.step_values([router for _, router in statistics_rows]))
     return StepMetrics(
@@ -160,42 +164,92 @@ def log_lbl(routers: Sequence) -> None:
     Upstream adds loss / coeff per call; the plugin adds Σ_k w_k · s_k / coeff over the step's
     micro-batches k (= Σ_k L_k / coeff, the same sum; the calls of a repeated MTP layer carry
     their 1 / depths share of it, as upstream's do), from the weights and probability sums its
-    backward kept: no logging kernels per call. Megatron's tracker reduction sums it over
-    TP x CP (as upstream's aux_loss) and averages it over data parallel on every version
-    (0.12-0.13 trackers log one rank's value for upstream's own losses).
+    backward kept: no logging kernels per call, and the same few per step for any number of
+    layers (every router's terms stacked, one write into the tracker). Megatron's tracker
+    reduction sums it over TP x CP (as upstream's aux_loss) and averages it over data parallel
+    on every version (0.12-0.13 trackers log one rank's value for upstream's own losses).
     """
-    for router in routers:
-        state = router._megatron_gbl
-        if not state.lbl_terms:
-            continue
-        weights_MX = torch.stack([weights for weights, _ in state.lbl_terms])
-        probs_sums_MX = torch.stack([probs_sum for _, probs_sum in state.lbl_terms])
-        # float64 weights times the probability sums' dtype: the product is float64.
-        value = (weights_MX * probs_sums_MX).sum() / state.balancing.coeff
-        compat.log_to_tracker(router, compat.tracker_name(state.balancing.lbl_type), value,
-                              reduce_group=compat.tp_cp_group(router),
-                              avg_group=compat.tp_dp_cp_group(router))
-        if state.device_terms:
-            # Σ_k w_k · s_k / device_coeff, reduced the same way: the mean over token groups
-            # of the device-level LBL (lbl._device_weights).
-            value = sum((weights_E * probs_sum_E).sum() / coeff
-                        for weights_E, probs_sum_E, coeff in state.device_terms)
-            compat.log_to_tracker(router, DEVICE_LBL, value,
-                                  reduce_group=compat.tp_cp_group(router),
-                                  avg_group=compat.tp_dp_cp_group(router))
+    trained = [router for router in routers if router._megatron_gbl.lbl_terms]
+    if not trained:
+        return
+    first = trained[0]
+    _log_terms(trained, compat.tracker_name(first._megatron_gbl.balancing.lbl_type),
+               lambda state: [(weights, probs_sum, state.balancing.coeff)
+                              for weights, probs_sum in state.lbl_terms])
+    # Σ_k w_k · s_k / device_coeff, reduced the same way: the mean over token groups of the
+    # device-level LBL (lbl._device_weights).
+    _log_terms([router for router in trained if router._megatron_gbl.device_terms], DEVICE_LBL,
+               lambda state: state.device_terms)
 
 
-def _microbatch_stats(state, has_lbl: bool, has_load: bool) -> torch.Tensor:
-    """[R, M, X] float64: per prediction depth (R: calls per micro-batch) and micro-batch, the
-    LBL stats [c, s, T] and/or the dispatched load [c, T]. Calls come micro-batch by
-    micro-batch, each with its R depths in slot order (reversed: lbl.RouterState.replayed)."""
+def _log_terms(routers: Sequence, name: str, terms_of) -> None:
+    """Σ w · s / coeff of each router's terms [(w float64 [X], s [X], coeff)] into its tracker
+    slot under `name`: the terms of all routers stacked, so a fixed number of kernels."""
+    if not routers:
+        return
+    terms = [(compat.layer_index(router), term) for router in routers
+             for term in terms_of(router._megatron_gbl)]
+    weights_NX = torch.stack([weights for _, (weights, _, _) in terms])
+    probs_sums_NX = torch.stack([probs_sum for _, (_, probs_sum, _) in terms])
+    # float64 weights times the probability sums' dtype: the product is float64.
+    products_N = (weights_NX * probs_sums_NX).sum(dim=-1)
+    coeffs = [coeff for _, (_, _, coeff) in terms]
+    if len(set(coeffs)) == 1:
+        values_N = products_N / coeffs[0]
+    else:  # layers with coefficients of their own (a model built from several configs)
+        values_N = products_N / torch.tensor(coeffs, dtype=torch.float64,
+                                             device=products_N.device)
+    router = routers[0]
+    compat.log_to_tracker(name, values_N, [layer for layer, _ in terms], router.config,
+                          reduce_group=compat.tp_cp_group(router),
+                          avg_group=compat.tp_dp_cp_group(router))
+
+
+def _microbatch_stats(routers: Sequence, has_lbl: bool, has_load: bool) -> torch.Tensor:
+    """[rows, M, X] float64: per statistics row (`rows`) and micro-batch, the LBL stats
+    [c, s, T] and/or the dispatched load [c, T], of all routers in a few kernels whatever their
+    number. A router's calls come micro-batch by micro-batch, each with its R depths in slot
+    order (reversed: lbl.RouterState.replayed)."""
+    states = [router._megatron_gbl for router in routers]
     parts = []
     if has_lbl:
-        counts_CX = torch.stack([counts for counts, _ in state.microbatch_stats]).double()
-        probs_sums_CE = torch.stack([probs_sum for _, probs_sum in state.microbatch_stats])
-        parts += [counts_CX[:, :-1], probs_sums_CE.double(), counts_CX[:, -1:]]
+        counts_NX = torch.stack([counts for state in states
+                                 for counts, _ in state.microbatch_stats])
+        probs_sums_NE = torch.stack([probs_sum for state in states
+                                     for _, probs_sum in state.microbatch_stats])
+        parts += [counts_NX[:, :-1], probs_sums_NE, counts_NX[:, -1:]]
     if has_load:
-        parts.append(torch.stack(state.load_counts).double())
-    stats_CX = torch.cat(parts, dim=-1)
-    stats_RMX = stats_CX.view(-1, state.calls_per_microbatch, stats_CX.shape[-1]).transpose(0, 1)
-    return stats_RMX.flip(0) if state.replayed else stats_RMX  # replays: depths reversed
+        parts.append(torch.stack([counts for state in states for counts in state.load_counts]))
+    width = sum(part.shape[-1] for part in parts)
+    stats_NX = torch.cat(parts, dim=-1, out=parts[0].new_empty(
+        parts[0].shape[0], width, dtype=torch.float64))
+    microbatches = {state.calls // state.calls_per_microbatch for state in states}
+    if len(microbatches) > 1:
+        calls = ", ".join(f"MoE layer {compat.layer_index(router)}: {state.calls}"
+                          for router, state in zip(routers, states))
+        raise RuntimeError(
+            "megatron_gbl: the MoE layers of this step ran different numbers of micro-batches "
+            f"({calls} calls); every layer runs every micro-batch of a step")
+    order = _row_order(tuple((state.calls_per_microbatch, state.replayed) for state in states),
+                       microbatches.pop(), stats_NX.device)
+    stats_NX = stats_NX if order is None else stats_NX.index_select(0, order)
+    return stats_NX.view(-1, stats_NX.shape[0] // len(rows(routers)), width)
+
+
+@functools.lru_cache(maxsize=64)
+def _row_order(layouts: tuple[tuple[int, bool], ...], microbatches: int,
+               device: torch.device) -> Optional[torch.Tensor]:
+    """Where row-major [rows, M] finds each call in the calls of all routers, stacked router by
+    router: None when that is their order already (one call per micro-batch everywhere), else an
+    index made (and copied to the device) once per layout. `layouts`: (R, replayed) per router;
+    call k * R + j of a router is depth slot j of micro-batch k, and a replay runs the depths
+    in reverse."""
+    if all(depths == 1 for depths, _ in layouts):
+        return None
+    order, offset = [], 0
+    for depths, replayed in layouts:
+        for depth in range(depths):
+            slot = depths - 1 - depth if replayed else depth
+            order += [offset + k * depths + slot for k in range(microbatches)]
+        offset += depths * microbatches
+    return torch.tensor(order, dtype=torch.int64, device=device)

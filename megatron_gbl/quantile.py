@@ -248,8 +248,8 @@ def note_call(router, state, settings, sync_group, logits_SBE: torch.Tensor,
     microbatches = state.calls if settings.scope == "global" else 1
     tokens, device = num_tokens * replicas * microbatches, logits_SBE.device
     # Made when read (once per step), where the step's other metrics are: no copy per call.
-    state.balance_tokens = lambda: torch.tensor(tokens, device=device)
-    state.balance_sequences = logits_SBE.shape[1] * replicas * microbatches
+    state.set_balance(lambda: torch.tensor(tokens, device=device),
+                      logits_SBE.shape[1] * replicas * microbatches)
 
 
 # ---------------------------------------------------------------- the step's update

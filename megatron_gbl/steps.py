@@ -111,9 +111,13 @@ def start_step(model: Model, num_microbatches: Optional[int] = None,
             "backward (or discard_step(model) after a failed one), or use `with "
             "megatron_gbl.step(model):`"
         )
+    # All layers' biases copied at once, to undo the step's updates if it is discarded.
+    biased = [router for router in routers if router._megatron_gbl.bias is not None]
+    snapshots = dict(zip(biased, bias.snapshot([router.expert_bias for router in biased]))) \
+        if biased else {}
     for router in routers:
-        router._megatron_gbl.start_step(num_microbatches, getattr(router, "expert_bias", None))
-        compat.reset_upstream_expert_load(router)
+        router._megatron_gbl.start_step(num_microbatches, snapshots.get(router))
+    compat.reset_upstream_expert_load(routers)
     _note_devices(model, routers, phase)
 
 
@@ -134,8 +138,8 @@ def finish_step(model: Model) -> None:
     routers = _routers_of(model)
     in_step = [router for router in routers if router._megatron_gbl.in_step]
     biased = [router for router in in_step if router._megatron_gbl.bias is not None]
-    for router in biased:
-        router._megatron_gbl.bias.apply_pending(router.expert_bias)
+    bias.apply_pending_updates([router.expert_bias for router in biased],
+                               [router._megatron_gbl.bias for router in biased])
     sums = [(_step_faults(in_step), comm.world_group())]
     if biased and _PHASE.scope == "global":
         step_counts = bias.step_counts([router._megatron_gbl.bias for router in biased])

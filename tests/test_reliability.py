@@ -178,6 +178,17 @@ def test_a_rank_that_dies_mid_step_stops_the_others_with_a_clear_error(tmp_path)
     assert time.monotonic() - started < timeout_s + 120
 
 
+def test_only_peer_failures_are_relabelled():
+    # A programming error in a collective keeps its own type and message; only the backend's
+    # reports of a failed peer or a timeout become the plugin's "peer stopped" error.
+    outcome = run_gloo(fault_workers.collective_error_kinds, 2)[0]
+    assert outcome["programming error"] is not None
+    kind, message = outcome["programming error"]
+    assert kind == "RuntimeError" and not message.startswith("megatron_gbl:"), message
+    assert outcome["gloo transport"] and outcome["DistError"]
+    assert not outcome["bad dtype"]
+
+
 def test_a_step_that_raises_leaves_no_stale_counts():
     spec = dict(scope="global", config=LBL_AND_BIAS, fail_call=1, microbatches=3, seq=8, bsz=2)
     for result in run_gloo(workers.failing_step_run, 2, spec):
