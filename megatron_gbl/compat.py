@@ -429,7 +429,8 @@ def aux_loss_backward_scale(router, num_local_tokens, num_microbatches: Optional
     rank's valid tokens (an int or int64 []) times the TP x CP size restores the per-micro-batch
     mean. That is upstream's scale from 0.19 (Megatron-LM PR 5047); before, upstream left the
     TP x CP size out, so its aux losses were TP x CP times too weak with per-token loss (issue
-    1652). The plugin applies the correct scale on every version (README, "Per-token loss").
+    1652). The plugin applies the correct scale on every version (docs/scopes.md, "Per-token
+    loss").
     """
     scale = moe_utils.MoEAuxLossAutoScaler.main_loss_backward_scale
     if router.config.calculate_per_token_loss:

@@ -219,7 +219,7 @@ def install_logging(names: tuple[str, ...], histogram_interval: int,
             f"megatron_gbl: Megatron's MoE logging {owner.__name__}.{name} (megatron-core "
             f"{compat.megatron_core_release()}) has no parameter {missing[0]!r}, so the plugin's "
             "metrics cannot be logged with this release; run without --moe-lbl-scope, or use "
-            "a release the plugin supports (README, Versions)"
+            "a release the plugin supports (docs/versions.md)"
         )
     _LOGGING = (names, histogram_interval, histogram_shape, histogram_writers)
     patch.replace(owner, name, lambda original: functools.wraps(original)(
