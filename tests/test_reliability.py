@@ -14,6 +14,7 @@ import fault_workers
 import reference
 import workers
 from megatron.core.transformer.moe.router import TopKRouter
+from megatron_gbl import comm
 from megatron_gbl_lab.harness import run_gloo
 
 TOPK, COEFF, HIDDEN = 2, 1e-2, 32
@@ -181,12 +182,13 @@ def test_a_rank_that_dies_mid_step_stops_the_others_with_a_clear_error(tmp_path)
 def test_only_peer_failures_are_relabelled():
     # A programming error in a collective keeps its own type and message; only the backend's
     # reports of a failed peer or a timeout become the plugin's "peer stopped" error.
-    outcome = run_gloo(fault_workers.collective_error_kinds, 2)[0]
-    assert outcome["programming error"] is not None
-    kind, message = outcome["programming error"]
-    assert kind == "RuntimeError" and not message.startswith("megatron_gbl:"), message
-    assert outcome["gloo transport"] and outcome["DistError"]
-    assert not outcome["bad dtype"]
+    raised = run_gloo(fault_workers.collective_programming_error, 2)[0]
+    assert raised is not None
+    kind, message = raised
+    assert kind == "RuntimeError" and not message.startswith("megatron_gbl:"), raised
+    assert comm.peer_failure(RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection reset"))
+    assert comm.peer_failure(torch.distributed.DistError("store timeout"))
+    assert not comm.peer_failure(RuntimeError("Invalid scalar type"))
 
 
 def test_a_step_that_raises_leaves_no_stale_counts():
