@@ -144,7 +144,8 @@ def step_metrics(routers: Sequence) -> Optional[StepMetrics]:
                                        for _, router in statistics_rows]).double()
     divisors = [router._megatron_gbl.balance_tokens_divisor for _, router in statistics_rows]
     if set(divisors) != {1}:  # "seq": f over each sequence's tokens
-        values[BALANCE_BSZ] /= torch.tensor(divisors, dtype=torch.float64) \
+        values[BALANCE_BSZ] /= torch.tensor(divisors, dtype=torch.float64,
+                                            device=values[BALANCE_BSZ].device) \
             if len(set(divisors)) > 1 else divisors[0]
     if has_bias:
         values[EXPERT_BIAS_STD] = torch.stack([router.expert_bias.detach()
