@@ -112,9 +112,8 @@ def apply_pending_updates(expert_biases: Sequence[torch.Tensor],
                           updaters: Sequence[ExpertBiasUpdater]) -> None:
     """micro/dp: apply every waiting micro-batch update at once (at the step's end: all
     layers' counts stacked, one sign average, one fused add)."""
-    taken = [(bias, updater, updater.take_pending())
-             for bias, updater in zip(expert_biases, updaters)]
-    taken = [(bias, updater, pending) for bias, updater, pending in taken if pending is not None]
+    taken = [(bias, updater, pending) for bias, updater in zip(expert_biases, updaters)
+             if (pending := updater.take_pending()) is not None]
     if not taken:
         return
     counts = [counts for _, _, (counts, _) in taken]

@@ -40,6 +40,7 @@ from typing import Optional
 from megatron_gbl import compat, megatron_lm, patch, steps
 from megatron_gbl.config import Balancing, Settings
 from megatron_gbl.launch import FlagParser as _FlagParser
+from megatron_gbl.launch import parse_flags
 from megatron_gbl.launch import stop_before_training as _stop
 
 USAGE = "python -m megatron_gbl.bridge SCRIPT [SCRIPT ARGS ...] [--moe-lbl-* flags]"
@@ -68,7 +69,7 @@ class _GlobalBatchBalancing:
         self.settings = Settings(scope, **settings)
         megatron_lm.check_histogram_interval(histogram_interval)
         self.histogram_interval = histogram_interval
-        patch.enable(**_as_kwargs(self.settings))
+        patch.enable(**dataclasses.asdict(self.settings))
 
     def on_train_start(self, context) -> None:
         if not patch.is_enabled():
@@ -80,7 +81,7 @@ class _GlobalBatchBalancing:
         config = state.cfg
         try:
             balancing = check(self.settings, config)
-            patch.enable(**_as_kwargs(self.settings), model=context.model)
+            patch.enable(**dataclasses.asdict(self.settings), model=context.model)
         except Exception:
             patch.disable()  # a rejected run leaves upstream untouched
             raise
@@ -149,7 +150,7 @@ def _with_balancing(original, settings: Settings, histogram_interval: int):
             _check_no_callback_in(callbacks)
         except ValueError as error:
             _stop(error)
-        callback = _callback_class()(**_as_kwargs(run_settings),
+        callback = _callback_class()(**dataclasses.asdict(run_settings),
                                      histogram_interval=histogram_interval)
         return original(config, forward_step_func, callbacks=_added(callback, callbacks))
 
@@ -180,10 +181,6 @@ def _added(callback, callbacks):
     return [*(callbacks or []), callback]
 
 
-def _as_kwargs(settings: Settings) -> dict:
-    return {field.name: getattr(settings, field.name) for field in dataclasses.fields(settings)}
-
-
 def main(argv: Optional[list[str]] = None) -> None:
     """`python -m megatron_gbl.bridge SCRIPT ...`: strip the --moe-lbl-* flags, check them, add
     the callback to Bridge's pretrain and finetune, run SCRIPT as `__main__` with the rest."""
@@ -194,11 +191,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(flags_parser.format_help())
         return
     script, *arguments = argv
-    try:
-        flags, script_arguments = flags_parser.parse_known_args(arguments)
-        settings = megatron_lm.settings_from_args(flags)
-    except ValueError as error:
-        _stop(error)
+    flags, settings, script_arguments = parse_flags(flags_parser, arguments)
     misspelt = [argument for argument in script_arguments if argument.startswith("--moe-lbl-")]
     if misspelt:
         _stop(f"megatron_gbl: unknown flag {misspelt[0].split('=')[0]}; `python -m "

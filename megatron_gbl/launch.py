@@ -49,6 +49,19 @@ def stop_before_training(message) -> NoReturn:
     raise SystemExit(2 if rank == 0 else 0)
 
 
+def parse_flags(parser: argparse.ArgumentParser, arguments: list[str]):
+    """(the --moe-lbl-* flags `parser` knows, parsed from `arguments`; their Settings, None
+    without --moe-lbl-scope; the other arguments). A bad flag ends the run
+    (`stop_before_training`)."""
+    from megatron_gbl import megatron_lm
+
+    try:
+        flags, others = parser.parse_known_args(arguments)
+        return flags, megatron_lm.settings_from_args(flags), others
+    except ValueError as error:
+        stop_before_training(error)
+
+
 def _raised_by(error: BaseException, function) -> bool:
     """Whether `error` was raised inside `function` (a frame of its code in the traceback)."""
     return any(frame.f_code is function.__code__
@@ -86,12 +99,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             f"megatron_gbl.launch: cannot import {error.name} (Megatron-LM's training code, part "
             f"of megatron-core wheels only from 0.17 on). Keep {os.path.basename(script)} inside "
             "a Megatron-LM checkout, or put the checkout on PYTHONPATH") from error
-    try:
-        flags, _ = megatron_lm.add_arguments(
-            FlagParser(add_help=False, allow_abbrev=False)).parse_known_args(script_args)
-        megatron_lm.settings_from_args(flags)
-    except ValueError as error:
-        stop_before_training(error)
+    parse_flags(megatron_lm.add_arguments(FlagParser(add_help=False, allow_abbrev=False)),
+                script_args)
     sys.argv = [script, *script_args]
     try:
         runpy.run_path(script, run_name="__main__")

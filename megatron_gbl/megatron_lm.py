@@ -107,8 +107,7 @@ def configure(args: argparse.Namespace) -> None:
         return
     balancing = check_run(settings, args, train_iters=getattr(args, "train_iters", None),
                           data_parallel_size=args.data_parallel_size)
-    patch.enable(**{field.name: getattr(settings, field.name)
-                    for field in dataclasses.fields(settings)})
+    patch.enable(**dataclasses.asdict(settings))
     # Megatron-LM's train() sets args.curr_iteration (0-based, restored on resume) before each
     # step: the scope switch follows it.
     training = importlib.import_module("megatron.training")

@@ -231,10 +231,11 @@ def _microbatch_stats(routers: Sequence, has_lbl: bool, has_load: bool) -> torch
         raise RuntimeError(
             "megatron_gbl: the MoE layers of this step ran different numbers of micro-batches "
             f"({calls} calls); every layer runs every micro-batch of a step")
+    (microbatches,) = microbatches
     order = _row_order(tuple((state.calls_per_microbatch, state.replayed) for state in states),
-                       microbatches.pop(), stats_NX.device)
+                       microbatches, stats_NX.device)
     stats_NX = stats_NX if order is None else stats_NX.index_select(0, order)
-    return stats_NX.view(-1, stats_NX.shape[0] // len(rows(routers)), width)
+    return stats_NX.view(-1, microbatches, width)
 
 
 @functools.lru_cache(maxsize=64)

@@ -45,7 +45,11 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     defaults = DemoSettings()
-    tiny = PRESETS[DEFAULT_PRESET]  # its values in --help, beside "the preset's"
+    tiny = PRESETS[DEFAULT_PRESET]
+
+    def preset_default(value) -> str:
+        """The default of a preset's setting in --help, with the default preset's value."""
+        return f"(default: the preset's; {DEFAULT_PRESET}: {value})"
     parser = _Parser(
         prog="megatron-gbl",
         description="Global-batch load balancing for Megatron-Core MoE (Qiu et al. 2025).")
@@ -72,10 +76,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="named settings, each overridden by any flag given: "
                            + "; ".join(describe_preset(name) for name in PRESETS)
                            + " (default: %(default)s)")
-    demo.add_argument("--steps", type=int, help=f"(default: the preset's; tiny: {tiny.steps})")
+    demo.add_argument("--steps", type=int, help=preset_default(tiny.steps))
     demo.add_argument("--ranks", type=int,
-                      help=f"data-parallel gloo processes, at least 4 (default: the preset's; "
-                           f"tiny: {tiny.ranks})")
+                      help="data-parallel gloo processes, at least 4 " + preset_default(tiny.ranks))
     seeds = demo.add_mutually_exclusive_group()
     seeds.add_argument("--seed", type=int, default=defaults.seed,
                        help="initial weights and data order (default: %(default)s)")
@@ -88,31 +91,24 @@ def _parser() -> argparse.ArgumentParser:
                            "runs.json, written as soon as its runs end) instead of training "
                            "them again; they must have the same settings, runs and corpus")
     demo.add_argument("--microbatches", type=int,
-                      help=f"micro-batches per rank per step (default: the preset's; "
-                           f"tiny: {tiny.microbatches})")
+                      help="micro-batches per rank per step " + preset_default(tiny.microbatches))
     demo.add_argument("--micro-batch-size", type=int,
-                      help=f"sequences per micro-batch (default: the preset's; "
-                           f"tiny: {tiny.micro_batch_size})")
+                      help="sequences per micro-batch " + preset_default(tiny.micro_batch_size))
     demo.add_argument("--seq-length", type=int,
-                      help=f"bytes per sequence (default: the preset's; tiny: "
-                           f"{tiny.seq_length})")
+                      help="bytes per sequence " + preset_default(tiny.seq_length))
     demo.add_argument("--eval-sequences", type=int,
-                      help=f"held-out sequences per domain (default: the preset's; "
-                           f"tiny: {tiny.eval_sequences})")
+                      help="held-out sequences per domain " + preset_default(tiny.eval_sequences))
     demo.add_argument("--lr", type=float,
                       help="peak learning rate of Adam: linear warm-up over 5%% of the steps, "
-                           f"then cosine decay to 10%% (default: the preset's; tiny: "
-                           f"{tiny.lr:g})")
+                           "then cosine decay to 10%% " + preset_default(f"{tiny.lr:g}"))
     demo.add_argument("--device-groups", type=int,
                       help="expert-parallel devices to simulate for the device-level LBL "
                            "(+device runs) and the micro-batch device load violation: the "
                            "experts in that many groups, the tokens of that many consecutive "
-                           f"ranks in one all-to-all (default: the preset's; "
-                           f"tiny: {tiny.device_groups})")
+                           "ranks in one all-to-all " + preset_default(tiny.device_groups))
     demo.add_argument("--eval-checkpoints", type=int,
                       help="held-out loss: the mean over this many last checkpoints, 5%% of "
-                           f"training apart (default: the preset's; tiny: "
-                           f"{tiny.eval_checkpoints})")
+                           "training apart " + preset_default(tiny.eval_checkpoints))
     demo.add_argument("--train-data", help="JSONL with a text and a domain field per line "
                                            "(default: the built-in synthetic corpus)")
     demo.add_argument("--valid-data", help="held-out JSONL, same domains as --train-data")
